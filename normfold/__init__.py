@@ -1,0 +1,18 @@
+"""normfold: rewrite the normalization layers of trained PyTorch models, and prove the result is the same model."""
+
+from normfold.errors import NormfoldError
+from normfold.passes.base import Change, Pass, PassManager, PassResult, Skip
+from normfold.passes.fold_batchnorm import fold_batchnorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NormfoldError",
+    "Change",
+    "Skip",
+    "Pass",
+    "PassResult",
+    "PassManager",
+    "fold_batchnorm",
+    "__version__",
+]

@@ -1,0 +1,200 @@
+"""The pass contract: Pass, PassResult, Change, Skip, PassManager.
+
+A pass takes an ``nn.Module`` and returns a :class:`PassResult` naming every
+edit it made (:class:`Change`) and every candidate it left alone, with the
+reason (:class:`Skip`). The base class keeps the promises every pass makes to
+its caller, so that individual passes cannot forget them:
+
+* ``inplace=False`` works on a deep copy: the caller's model is never touched;
+* the train/eval flag of every module comes back as it was given;
+* the pass returns a PassResult (a contract error addressed to the pass author
+  otherwise).
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from normfold.errors import NormfoldError, PassError
+
+__all__ = ["Change", "Skip", "PassResult", "Pass", "PassManager"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One edit a pass made.
+
+    ``paths`` are the module paths involved (``("layer1.0.bn1", "layer1.0.conv1")``
+    for a fold); ``message`` is the sentence a person reads.
+    """
+
+    pass_name: str
+    action: str
+    paths: tuple[str, ...]
+    message: str
+    details: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pass": self.pass_name, "action": self.action, "paths": list(self.paths),
+                "message": self.message, "details": _jsonable(self.details)}
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A candidate a pass left alone, and why (a sentence a person can act on)."""
+
+    pass_name: str
+    paths: tuple[str, ...]
+    reason: str
+
+    def __str__(self) -> str:
+        where = ", ".join(self.paths) if self.paths else "<model>"
+        return f"{where}: {self.reason}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pass": self.pass_name, "paths": list(self.paths), "reason": self.reason}
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the rewritten module and the record of what happened.
+
+    ``metrics`` carries measurements a pass made (for example the output error
+    of an approximate rewrite), keyed by name.
+    """
+
+    module: nn.Module
+    changes: list[Change] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def modified(self) -> bool:
+        """True when the pass changed the model."""
+        return bool(self.changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "modified": self.modified,
+            "changes": [c.to_dict() for c in self.changes],
+            "skipped": [s.to_dict() for s in self.skipped],
+            "metrics": _jsonable(self.metrics),
+        }
+
+    def summary(self) -> str:
+        return f"{len(self.changes)} change(s), {len(self.skipped)} skipped"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist() if value.numel() <= 64 else f"<tensor {tuple(value.shape)}>"
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def training_flags(module: nn.Module) -> dict[str, bool]:
+    """The ``training`` flag of every submodule, by path."""
+    return {name: m.training for name, m in module.named_modules()}
+
+
+def restore_training_flags(module: nn.Module, flags: dict[str, bool]) -> None:
+    """Put back the flags from :func:`training_flags` on the modules that still exist.
+
+    A module a pass created (an ``nn.Identity`` in place of a BatchNorm) takes the
+    flag its predecessor had at that path.
+    """
+    for name, m in module.named_modules():
+        if name in flags:
+            m.training = flags[name]
+
+
+class Pass(abc.ABC):
+    """Base class of every rewrite.
+
+    Subclasses implement :meth:`call`, which edits ``module`` in place and
+    returns a PassResult. Callers use ``pass_(module, inplace=...)``.
+    """
+
+    #: short name used in reports and in PassManager errors
+    name: str = "pass"
+
+    @abc.abstractmethod
+    def call(self, module: nn.Module) -> PassResult:
+        """Rewrite ``module`` in place and describe what was done."""
+
+    def __call__(self, module: nn.Module, *, inplace: bool = False) -> PassResult:
+        if not isinstance(module, nn.Module):
+            raise NormfoldError(
+                f"{self.name}: expected a torch.nn.Module, got {type(module).__name__}"
+            )
+        flags = training_flags(module)
+        work = module if inplace else copy.deepcopy(module)
+        try:
+            result = self.call(work)
+        finally:
+            restore_training_flags(work, flags)
+        if not isinstance(result, PassResult):
+            raise TypeError(
+                f"pass {type(self).__name__}.call() must return a PassResult, "
+                f"got {type(result).__name__} (pass author: fix the return value)"
+            )
+        restore_training_flags(result.module, flags)
+        return result
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class PassManager:
+    """Runs passes in order, feeding each the previous one's module.
+
+    The returned PassResult concatenates changes and skips. If a pass raises,
+    the error is re-raised as :class:`PassError` naming the pass that failed
+    and the passes that had run.
+    """
+
+    def __init__(self, passes: Sequence[Pass] | Iterable[Pass]) -> None:
+        self.passes = list(passes)
+
+    def __call__(self, module: nn.Module, *, inplace: bool = False) -> PassResult:
+        total = PassResult(module=module)
+        ran: list[str] = []
+        current = module
+        for i, p in enumerate(self.passes):
+            try:
+                # Only the first pass may need a copy; the rest work on that copy.
+                r = p(current, inplace=inplace or i > 0)
+            except PassError:
+                raise
+            except Exception as exc:
+                before = ", ".join(ran) if ran else "none"
+                raise PassError(
+                    f"pass {p.name!r} failed ({type(exc).__name__}: {exc}); passes that ran before it: {before}",
+                    pass_name=p.name,
+                    ran=ran,
+                ) from exc
+            ran.append(p.name)
+            current = r.module
+            total.changes.extend(r.changes)
+            total.skipped.extend(r.skipped)
+            for k, v in r.metrics.items():
+                total.metrics[f"{p.name}.{k}"] = v
+        total.module = current
+        return total
