@@ -145,7 +145,7 @@ def describe_node(graph: ModelGraph, node: GNode) -> str:
         return f"the parameter {node.target}"
     t = node.target
     name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
-    return f"a {name} call"
+    return f"a call to {name}"
 
 
 @contextlib.contextmanager

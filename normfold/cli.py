@@ -1,0 +1,91 @@
+"""The ``normfold`` command: parse, call the library, print, return an exit code.
+
+Each subcommand is a class in ``normfold/commands/<name>.py`` whose docstring
+is its help text. A user mistake (any NormfoldError) prints one line naming
+the fix and exits 2 (1 for a failed check); ``-v`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import warnings
+from typing import Sequence
+
+from normfold.errors import NormfoldError
+
+__all__ = ["main", "COMMANDS"]
+
+#: subcommand name -> "module:Class"; the order is the order of ``normfold --help``
+COMMANDS: dict[str, str] = {
+    "demo": "normfold.commands.demo:DemoCommand",
+    "inspect": "normfold.commands.inspect:InspectCommand",
+    "fold": "normfold.commands.fold:FoldCommand",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that points at --help, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _load_command(spec: str):
+    mod_name, _, cls_name = spec.partition(":")
+    return getattr(importlib.import_module(mod_name), cls_name)()
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = _Parser(prog="normfold", description=__doc__.splitlines()[0] if __doc__ else None)
+    from normfold import __version__
+
+    parser.add_argument("--version", action="version", version=f"normfold {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands = {}
+    for name, spec in COMMANDS.items():
+        cmd = _load_command(spec)
+        doc = (type(cmd).__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logs")
+        p.add_argument("-q", "--quiet", action="store_true", help="print only the final result line")
+        cmd.add_arguments(p)
+        commands[name] = cmd
+    return parser, commands
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``normfold`` console script; returns the exit code."""
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from normfold.commands._common import make_console
+
+    console = make_console(quiet=getattr(args, "quiet", False))
+    with warnings.catch_warnings():
+        if not verbose:
+            # torch's tracing and export warnings are for library authors, not for this command's user
+            warnings.simplefilter("ignore")
+        try:
+            return int(commands[args.command].run(args, console))
+        except NormfoldError as exc:
+            if verbose:
+                import traceback
+
+                traceback.print_exc()
+            print(f"normfold {args.command}: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print(f"normfold {args.command}: interrupted", file=sys.stderr)
+            return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
