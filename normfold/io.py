@@ -21,7 +21,6 @@ import importlib
 import os
 import pickle
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -114,9 +113,9 @@ def load_model(path: str | os.PathLike, *, trust: bool = False, arch: str | None
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "Weights only load failed" in text or "weights_only" in text:
-            if "invalid load key" in text or "could not find MARK" in text or "truncated" in text.lower():
-                raise _corrupt(p, exc) from exc
+        # A pickled object is refused by the weights-only unpickler with "Unsupported global";
+        # any other unpickling error means the bytes themselves are damaged.
+        if "Unsupported global" in text or "can still be loaded" in text:
             if not trust:
                 raise ModelLoadError(
                     f"{p} holds a pickled Python object (a whole nn.Module); unpickling it runs code from the file: "
@@ -125,7 +124,7 @@ def load_model(path: str | os.PathLike, *, trust: bool = False, arch: str | None
             obj = _load_trusted(p)
         else:
             raise _corrupt(p, exc) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, AttributeError) as exc:
+    except Exception as exc:  # torch.load raises many types on damaged bytes (IndexError on text, RuntimeError on bad zips...)
         raise _corrupt(p, exc) from exc
     if isinstance(obj, torch.jit.ScriptModule):
         raise ModelLoadError(f"{p} is TorchScript; normfold rewrites nn.Modules: save the eager model or its state_dict")
