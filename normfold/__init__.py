@@ -3,6 +3,7 @@
 from normfold.errors import NormfoldError
 from normfold.passes.base import Change, Pass, PassManager, PassResult, Skip
 from normfold.passes.fold_batchnorm import fold_batchnorm
+from normfold.passes.layernorm_to_rmsnorm import RMSNormWithBias, layernorm_to_rmsnorm
 
 __version__ = "0.1.0"
 
@@ -14,5 +15,7 @@ __all__ = [
     "PassResult",
     "PassManager",
     "fold_batchnorm",
+    "layernorm_to_rmsnorm",
+    "RMSNormWithBias",
     "__version__",
 ]
