@@ -4,6 +4,7 @@ from normfold.errors import NormfoldError
 from normfold.passes.base import Change, Pass, PassManager, PassResult, Skip
 from normfold.passes.fold_batchnorm import fold_batchnorm
 from normfold.passes.layernorm_to_rmsnorm import RMSNormWithBias, layernorm_to_rmsnorm
+from normfold.recalibrate import LayerShift, RecalibrationResult, recalibrate
 
 __version__ = "0.1.0"
 
@@ -17,5 +18,8 @@ __all__ = [
     "fold_batchnorm",
     "layernorm_to_rmsnorm",
     "RMSNormWithBias",
+    "recalibrate",
+    "RecalibrationResult",
+    "LayerShift",
     "__version__",
 ]

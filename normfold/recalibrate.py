@@ -718,7 +718,7 @@ def _run_batch(model: nn.Module, batch: Any, forward_fn: Callable | None, *, fir
         raise
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         head = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise InputError(f"the model failed on batch {index} ({_describe(batch)}: {type(exc).__name__}: {head}); "
+        raise InputError(f"batch {index} ({_describe(batch)}) does not fit the model ({type(exc).__name__}: {head}); "
                          "pass data of the shape and dtype the model expects, or forward_fn") from exc
 
 
