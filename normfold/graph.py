@@ -117,6 +117,27 @@ class ModelGraph:
             elif n.op == "attr":
                 self.attr_reads.setdefault(n.target, []).append(n)
         self.modules = dict(root.named_modules())
+        #: example inputs kept for :meth:`ensure_shapes` when shapes were not propagated at build time
+        self.example_inputs: tuple | None = None
+
+    def ensure_shapes(self, example_inputs: Any = None) -> bool:
+        """Fill in node shapes now (one forward pass) if they are missing; True when they are known.
+
+        ``build_graph(..., shapes=False)`` defers this forward pass, which costs
+        as much as running the model, to the passes that actually need a shape.
+        """
+        if self.graph_module is None:  # torch.export graphs always carry shapes
+            return True
+        if any(n.shape is not None for n in self.nodes):
+            return True
+        inputs = _as_tuple(example_inputs) or self.example_inputs
+        if not inputs:
+            return False
+        _propagate_shapes(self.root, self.graph_module, inputs)
+        for n in self.nodes:
+            if n.fx_node is not None:
+                _copy_tensor_meta(n, n.fx_node)
+        return True
 
     def module(self, node: GNode) -> nn.Module:
         return self.modules[node.target]
@@ -169,12 +190,15 @@ def _as_tuple(example_inputs: Any) -> tuple:
     return tuple(example_inputs)
 
 
-def build_graph(model: nn.Module, example_inputs: Any = None, *, allow_export: bool = True) -> ModelGraph:
+def build_graph(model: nn.Module, example_inputs: Any = None, *, allow_export: bool = True,
+                shapes: bool = True) -> ModelGraph:
     """Trace ``model`` and return its normalised dataflow graph.
 
     ``example_inputs`` (a tensor or a tuple of positional arguments) adds shapes
-    to the nodes and makes the torch.export fallback possible. Raises
-    :class:`TraceError` saying why when neither tracer works.
+    to the nodes and makes the torch.export fallback possible. With
+    ``shapes=False`` the shape-propagating forward pass of a torch.fx graph is
+    deferred to :meth:`ModelGraph.ensure_shapes` (the inputs are kept for it).
+    Raises :class:`TraceError` saying why when neither tracer works.
     """
     inputs = _as_tuple(example_inputs)
     try:
@@ -191,18 +215,31 @@ def build_graph(model: nn.Module, example_inputs: Any = None, *, allow_export: b
                 "(or --input-shape) so that torch.export can trace it instead"
             ) from exc
         return _graph_from_export(model, inputs, fx_error)
-    if inputs:
-        try:
-            with eval_mode(model), torch.no_grad():
-                ShapeProp(gm).propagate(*inputs)
-        except Exception as exc:
-            from normfold.errors import InputError
+    if inputs and shapes:
+        _propagate_shapes(model, gm, inputs)
+    graph = _graph_from_fx(model, gm)
+    graph.example_inputs = inputs or None
+    return graph
 
-            raise InputError(
-                f"the example inputs do not fit the model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                "pass inputs of the shape the model expects (--input-shape)"
-            ) from exc
-    return _graph_from_fx(model, gm)
+
+def _propagate_shapes(model: nn.Module, gm: torch.fx.GraphModule, inputs: tuple) -> None:
+    try:
+        with eval_mode(model), torch.no_grad():
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:
+        from normfold.errors import InputError
+
+        raise InputError(
+            f"the example inputs do not fit the model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "pass inputs of the shape the model expects (--input-shape)"
+        ) from exc
+
+
+def _copy_tensor_meta(g: "GNode", n: torch.fx.Node) -> None:
+    tm = n.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        g.shape = tuple(tm.shape)
+        g.dtype = tm.dtype
 
 
 def _tensor_nodes(value: Any) -> list[torch.fx.Node]:
@@ -218,10 +255,7 @@ def _graph_from_fx(model: nn.Module, gm: torch.fx.GraphModule) -> ModelGraph:
         op = {"placeholder": "input", "call_module": "module", "call_function": "function",
               "call_method": "method", "get_attr": "attr", "output": "output"}[n.op]
         g = GNode(name=n.name, op=op, target=n.target, fx_node=n)
-        tm = n.meta.get("tensor_meta")
-        if tm is not None and hasattr(tm, "shape"):
-            g.shape = tuple(tm.shape)
-            g.dtype = tm.dtype
+        _copy_tensor_meta(g, n)
         g.args = [by_fx[a] for a in _tensor_nodes((n.args, n.kwargs)) if a in by_fx]
         g.const_args = tuple(a for a in n.args if not isinstance(a, torch.fx.Node))
         g.kwargs = dict(n.kwargs)

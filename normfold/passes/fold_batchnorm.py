@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normfold.errors import TraceError
 from normfold.graph import GNode, ModelGraph, build_graph, describe_node
 from normfold.norms import (BatchNormAffine, batchnorm_affine, batchnorm_remnant, is_batchnorm,
                             set_submodule)
@@ -102,33 +103,71 @@ def _out_channels(producer: nn.Module) -> int:
     return producer.out_channels
 
 
+#: float64 working set of one step of :func:`fold_into_output_channels` (8 MiB): the fold's extra
+#: memory stays bounded by this instead of growing with the largest layer.
+_CHUNK_ELEMS = 1 << 20
+
+
+def _weight_blocks(producer: nn.Module, v: torch.Tensor, s: torch.Tensor) -> list[tuple[int, int, torch.Tensor | None]]:
+    """(first row, end row, scale) blocks of the weight viewed as ``v`` = (rows, cols, k).
+
+    Conv/Linear: a row is an output channel, scale ``s[row]`` (None: take it per row).
+    ConvTranspose: the rows of group ``g`` share the scale ``s[g*C_out/g:(g+1)*C_out/g]`` along cols.
+    """
+    if isinstance(producer, nn.modules.conv._ConvTransposeNd):
+        g = producer.groups
+        rows_g, cols = v.shape[0] // g, v.shape[1]
+        return [(gi * rows_g, (gi + 1) * rows_g, s[gi * cols:(gi + 1) * cols].view(1, cols, 1)) for gi in range(g)]
+    return [(0, v.shape[0], None)]
+
+
 def fold_into_output_channels(producer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> str | None:
     """Make ``producer`` compute ``scale * producer(x) + shift`` per output channel, in place.
 
-    ``scale`` and ``shift`` are float64. Returns None on success, or the reason
-    the fold was refused (the module is left untouched then).
+    ``scale`` and ``shift`` are float64. Each weight is multiplied in float64
+    and rounded once to its own dtype, a block of rows at a time so that the
+    extra memory is one block, not a float64 copy of the layer. Returns None on
+    success, or the reason the fold was refused (the module is left untouched then).
     """
     w = producer.weight
     dtype, device = w.dtype, w.device
-    w64 = w.detach().to(torch.float64)
     s = scale.to(device=device, dtype=torch.float64)
     t = shift.to(device=device, dtype=torch.float64)
+    wd = w.detach()
+    work = wd if wd.is_contiguous() else wd.contiguous()
     if isinstance(producer, nn.modules.conv._ConvTransposeNd):
-        g = producer.groups
-        cin, cout_g = w64.shape[0], w64.shape[1]
-        k = w64.shape[2:]
-        new_w = (w64.reshape(g, cin // g, cout_g, *k) * s.reshape(g, 1, cout_g, *([1] * len(k)))).reshape(w64.shape)
+        v = work.view(work.shape[0], work.shape[1], -1)
     else:
-        new_w = w64 * s.reshape(-1, *([1] * (w64.dim() - 1)))
+        v = work.view(work.shape[0], 1, -1)
+    blocks = _weight_blocks(producer, v, s)
+    per_row = s.view(-1, 1, 1)
+
+    # Overflow check before touching anything. Rounding is monotonic, so the largest
+    # |w * s| in float64 overflows the weight's dtype exactly when any product does; the
+    # largest product is max|w| (exact in any dtype) times |s| per (row, col).
+    row_max = torch.linalg.vector_norm(v, ord=float("inf"), dim=2).to(torch.float64)
+    largest = torch.zeros((), dtype=torch.float64, device=device)
+    for a, b, sc in blocks:
+        prod = row_max[a:b] * (sc[..., 0] if sc is not None else per_row[a:b, :, 0]).abs()
+        largest = torch.maximum(largest, prod.max() if prod.numel() else largest)
     b64 = producer.bias.detach().to(torch.float64) if producer.bias is not None else torch.zeros_like(s)
     new_b = b64 * s + t
-    cast_w, cast_b = new_w.to(dtype), new_b.to(dtype)
-    if not (torch.isfinite(cast_w).all() and torch.isfinite(cast_b).all()):
-        if torch.isfinite(new_w).all() and torch.isfinite(new_b).all():
+    cast_b = new_b.to(dtype)
+    if not (torch.isfinite(largest.to(dtype)) and torch.isfinite(cast_b).all()):
+        if torch.isfinite(largest) and torch.isfinite(new_b).all():
             return f"the folded weights overflow {str(dtype).replace('torch.', '')}"
         return "the folded weights are not finite (running_var + eps <= 0 or inf/NaN statistics)"
+
+    rows_per_step = max(1, _CHUNK_ELEMS // max(1, v.shape[1] * v.shape[2]))
     with torch.no_grad():
-        w.copy_(cast_w)
+        for a, b, sc in blocks:
+            for i in range(a, b, rows_per_step):
+                j = min(b, i + rows_per_step)
+                chunk = v[i:j].to(torch.float64)
+                chunk.mul_(sc if sc is not None else per_row[i:j])
+                v[i:j].copy_(chunk)  # copy_ rounds to the weight's dtype once
+        if work is not wd:
+            wd.copy_(work)
         if producer.bias is not None:
             producer.bias.copy_(cast_b)
         else:
@@ -148,11 +187,20 @@ class FoldBatchNorm(Pass):
 
     name = "fold_batchnorm"
 
-    def __init__(self, *, example_inputs: Any = None) -> None:
+    def __init__(self, *, example_inputs: Any = None, infer_inputs: bool = False) -> None:
         self.example_inputs = example_inputs
+        #: when no example_inputs were given, infer them from the first layer only if a step needs them
+        self.infer_inputs = infer_inputs
 
     def call(self, module: nn.Module) -> PassResult:
-        graph = build_graph(module, self.example_inputs)
+        # Shapes cost a forward pass and only Linear -> BatchNorm needs them: propagate lazily.
+        try:
+            graph = build_graph(module, self.example_inputs, shapes=False)
+        except TraceError:
+            inputs = self._inferred_inputs(module)
+            if inputs is None:
+                raise
+            graph = build_graph(module, inputs, shapes=False)
         result = PassResult(module=module)
         shared = _shared_parameters(module)
         seen_bn: set[str] = set()
@@ -257,6 +305,10 @@ class FoldBatchNorm(Pass):
             return producer_path, (f"channel mismatch: {producer_path} has {out_c} output channels, the "
                                    f"BatchNorm {affine.num_features}")
         if isinstance(producer, nn.Linear):
+            if src.shape is None:
+                if not graph.example_inputs:
+                    graph.example_inputs = self._inferred_inputs(graph.root)
+                graph.ensure_shapes()
             shape = src.shape
             if shape is None:
                 return producer_path, ("Linear -> BatchNorm needs the tensor rank to know the BN channel axis; "
@@ -265,6 +317,11 @@ class FoldBatchNorm(Pass):
                 return producer_path, (f"the BatchNorm normalizes axis 1 of a {len(shape)}-D tensor {tuple(shape)} "
                                        "but the Linear writes its features on the last axis")
         return producer_path, None
+
+    def _inferred_inputs(self, module: nn.Module) -> tuple | None:
+        if self.example_inputs is not None or not self.infer_inputs:
+            return None
+        return _maybe_infer_inputs(module)
 
     # -- functional F.batch_norm ------------------------------------------------------------------
     def _fold_functional_bn(self, graph: ModelGraph, node: GNode, shared: dict[int, list[str]],
@@ -356,9 +413,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_inputs: A
     cannot; when omitted, an input shape is inferred from the first layer if
     possible. Returns a :class:`PassResult`; see the module docstring for the math.
     """
-    if example_inputs is None:
-        example_inputs = _maybe_infer_inputs(model)
-    return FoldBatchNorm(example_inputs=example_inputs)(model, inplace=inplace)
+    return FoldBatchNorm(example_inputs=example_inputs, infer_inputs=True)(model, inplace=inplace)
 
 
 def _maybe_infer_inputs(model: nn.Module) -> tuple | None:
