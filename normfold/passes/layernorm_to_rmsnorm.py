@@ -154,28 +154,42 @@ class _Analysis:
     graph: ModelGraph
     axis: dict[GNode, int] = field(default_factory=dict)        # stream node -> hidden axis (negative)
     reads_ok: set[tuple[GNode, GNode]] = field(default_factory=set)  # (reader, stream node) pairs accounted for
-    problems: dict[GNode, list[str]] = field(default_factory=dict)
+    problems: dict[Any, list[str]] = field(default_factory=dict)
     writers: dict[GNode, _Writer] = field(default_factory=dict)
     ln_calls: list[GNode] = field(default_factory=list)
-    parent: dict[GNode, GNode] = field(default_factory=dict)
+    parent: dict[Any, Any] = field(default_factory=dict)
+    ln_keys: dict[GNode, "_ReaderKey"] = field(default_factory=dict)
 
-    # union-find over stream nodes and LayerNorm calls
-    def find(self, n: GNode) -> GNode:
+    def reader_key(self, ln_call: GNode) -> "_ReaderKey":
+        """The union-find key of a LayerNorm call as a *reader* of its input.
+
+        A LayerNorm call's output is another tensor (in a post-LN model, the next stream): keeping its
+        reading side apart stops the stream it reads and the stream it writes from merging.
+        """
+        return self.ln_keys.setdefault(ln_call, _ReaderKey(ln_call))
+
+    # union-find over stream nodes and LayerNorm calls (as readers)
+    def find(self, n: Any) -> Any:
         self.parent.setdefault(n, n)
         while self.parent[n] is not n:
             self.parent[n] = self.parent[self.parent[n]]
             n = self.parent[n]
         return n
 
-    def union(self, a: GNode, b: GNode) -> None:
+    def union(self, a: Any, b: Any) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra is not rb:
             self.parent[ra] = rb
 
-    def problem(self, n: GNode, reason: str) -> None:
+    def problem(self, n: Any, reason: str) -> None:
         lst = self.problems.setdefault(n, [])
         if reason not in lst:
             lst.append(reason)
+
+
+@dataclass(eq=False)
+class _ReaderKey:
+    ln_call: GNode
 
 
 class _StreamFinder:
@@ -188,11 +202,11 @@ class _StreamFinder:
         self.work: list[GNode] = []
 
     # -- helpers ------------------------------------------------------------------------------
-    def demand(self, reader: GNode, n: GNode, axis: int) -> None:
+    def demand(self, reader: GNode, n: GNode, axis: int, key: Any = None) -> None:
         """``reader`` needs ``n`` mean-free along ``axis`` (negative)."""
         a = self.a
         a.reads_ok.add((reader, n))
-        a.union(reader, n)
+        a.union(reader if key is None else key, n)
         if n in a.axis:
             if a.axis[n] != axis:
                 a.problem(n, f"{describe_node(self.g, n)} would have to be mean-free along two different axes "
@@ -219,14 +233,15 @@ class _StreamFinder:
         for n in g.nodes:
             if n.op == "module" and _is_standard_layernorm(g.modules[n.target]):
                 a.ln_calls.append(n)
-                a.find(n)
+                key = a.reader_key(n)
+                a.find(key)
                 if _norm_rank(g.modules[n.target]) != 1:
-                    a.problem(n, "it normalizes over several axes; the exact swap is made for one hidden axis")
+                    a.problem(key, "it normalizes over several axes; the exact swap is made for one hidden axis")
                     continue
                 if not n.args:
-                    a.problem(n, "its input could not be traced")
+                    a.problem(key, "its input could not be traced")
                     continue
-                self.demand(n, n.args[0], -1)
+                self.demand(n, n.args[0], -1, key=key)
         while self.work:
             n = self.work.pop()
             try:
@@ -502,10 +517,10 @@ class _StreamFinder:
     def check_readers(self) -> None:
         g, a = self.g, self.a
         for n in list(a.axis):
-            for u in n.users:
-                if (u, n) in a.reads_ok or _reads_metadata_only(u):
-                    continue
-                a.problem(n, f"the stream ({describe_node(g, n)}) is also read by {_consumer(g, u)}, not only by "
+            readers = [_consumer(g, u) for u in n.users if (u, n) not in a.reads_ok and not _reads_metadata_only(u)]
+            if readers:
+                what = f"the output of {describe_node(g, n)}" if n.op == "module" else "the residual stream"
+                a.problem(n, f"{what} is also read by {_short_list(list(dict.fromkeys(readers)))}, not only by "
                              "LayerNorms and residual adds")
 
 
@@ -522,19 +537,20 @@ def _reads_metadata_only(u: GNode) -> bool:
     return False
 
 
-def _consumer(graph: ModelGraph, u: GNode, depth: int = 0) -> str:
-    """Name the op that really consumes the stream, following selections and identities a few steps."""
-    if u.op == "output":
-        return "the model output"
-    if u.op in ("function", "method") and _op_name(u) in (_SELECT_OPS | _IDENTITY_OPS | _SHAPE_OPS) and depth < 4:
+def _consumer(graph: ModelGraph, u: GNode) -> str:
+    """Name the op that really consumes the stream, following selections, identities and adds a few steps."""
+    via: list[str] = []
+    following = _SELECT_OPS | _IDENTITY_OPS | _SHAPE_OPS | _ADD_OPS | {"cat"}
+    for _ in range(6):
+        passes_through = (u.op in ("function", "method") and _op_name(u) in following) or \
+            (u.op == "module" and isinstance(graph.modules.get(u.target), _DROPOUT_MODULES))
         real = [x for x in u.users if not _reads_metadata_only(x)]
-        if len(real) == 1:
-            return f"{_consumer(graph, real[0], depth + 1)} (via {_op_name(u)})"
-    if u.op == "module":
-        m = graph.modules.get(u.target)
-        if isinstance(m, nn.LayerNorm):
-            return f"{u.target} (LayerNorm over {_norm_rank(m)} axes or with its own forward)"
-    return describe_node(graph, u)
+        if not passes_through or len(real) != 1:
+            break
+        via.append(u.target if u.op == "module" else _op_name(u))
+        u = real[0]
+    name = "the model output" if u.op == "output" else describe_node(graph, u)
+    return f"{name} (via {', '.join(via)})" if via else name
 
 
 def _selection_input_axis(name: str, args: tuple, kwargs: dict, src: GNode, n: GNode, axis: int,
@@ -654,7 +670,7 @@ class LayerNormToRMSNorm(Pass):
         reference = _capture(module, inputs, [p.path for p in plans if p.conversion != "skip"]) if inputs else None
 
         # 1. centre the writers of every exact stream that feeds a LayerNorm converted exactly
-        needed = {analysis.find(c) for p in plans if p.conversion == "exact" for c in p.calls}
+        needed = {analysis.find(analysis.reader_key(c)) for p in plans if p.conversion == "exact" for c in p.calls}
         self._centre(module, graph, analysis, needed, slots, result)
         # 2. swap the LayerNorms (and fold shifts into the following Linear where possible)
         folded: dict[str, torch.Tensor] = {}
@@ -680,7 +696,7 @@ class LayerNormToRMSNorm(Pass):
         g = a.graph
         reasons: dict[GNode, list[str]] = {}
         members: dict[GNode, list[GNode]] = {}
-        for n in list(a.axis) + a.ln_calls:
+        for n in list(a.axis) + [a.reader_key(c) for c in a.ln_calls]:
             members.setdefault(a.find(n), []).append(n)
         for n, probs in a.problems.items():
             reasons.setdefault(a.find(n), []).extend(p for p in probs if p not in reasons.get(a.find(n), []))
@@ -747,10 +763,10 @@ class LayerNormToRMSNorm(Pass):
                 continue
             why: list[str] = []
             for c in calls:
-                for r in reasons.get(a.find(c), []):
+                for r in reasons.get(a.find(a.reader_key(c)), []):
                     if r not in why:
                         why.append(r)
-            is_exact = not why and all(a.find(c) in exact for c in calls)
+            is_exact = not why and all(a.find(a.reader_key(c)) in exact for c in calls)
             reason = "; ".join(why[:3]) + (f" (and {len(why) - 3} more)" if len(why) > 3 else "")
             if self.mode == "approx":
                 hint = "exact would be possible (use mode='auto')" if is_exact else f"exact is not possible: {reason}"
@@ -804,11 +820,11 @@ class LayerNormToRMSNorm(Pass):
         centred = {id(w): w for _, _, ws in todo.values() for w in ws}.values()
         for w in sorted(centred, key=lambda w: order.get(w.node, 0)):
             root = a.find(w.node)
-            ln_paths = sorted({c.target for c in a.ln_calls if a.find(c) is root})
-            result.changes.append(Change(self.name, "centre", tuple(s[0] + "." + s[1] for s in w.slots),
+            ln_paths = sorted({c.target for c in a.ln_calls if a.find(a.reader_key(c)) is root})
+            result.changes.append(Change(self.name, "centre", tuple(_slot_name((o, nm)) for o, nm, _ in w.slots),
                                          f"centred {w.desc} along the hidden axis so that the stream read by "
                                          f"{_short_list(ln_paths)} is mean-free",
-                                         {"slots": [f"{o}.{n}" for o, n, _ in w.slots]}))
+                                         {"slots": [_slot_name((o, nm)) for o, nm, _ in w.slots]}))
 
     def _swap(self, module: nn.Module, graph: ModelGraph, p: _LayerPlan, slots: dict[int, list[tuple[str, str]]],
               result: PassResult) -> torch.Tensor | None:

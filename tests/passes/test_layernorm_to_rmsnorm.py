@@ -1,0 +1,320 @@
+"""layernorm_to_rmsnorm: exact on pre-LN transformers (torchvision ViT, a GPT with a tied LM head), approx elsewhere.
+
+Every test compares the converted model's outputs with the original's. Random
+weights: LayerNorm scales and shifts and the classifier heads (which
+torchvision initialises to 1 / 0 / 0) are randomized so that a dropped shift,
+a wrong eps or a zero head cannot pass.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from tests.conftest import assert_outputs_close, assert_state_equal, output_error, run_eval, state_snapshot
+from normfold import RMSNormWithBias, layernorm_to_rmsnorm
+from normfold.errors import UsageError
+from normfold.tolerances import LAYERNORM_TO_RMSNORM, MEAN_FREE_RATIO
+
+TOL = LAYERNORM_TO_RMSNORM[torch.float32]
+
+
+@torch.no_grad()
+def randomize_layernorms_and_heads(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial LayerNorm scale/shift, and random weights for any all-zero parameter (torchvision's heads)."""
+    g = torch.Generator().manual_seed(seed)
+    for _, m in model.named_modules():
+        if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+            if m.bias is not None:
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+    for _, p in model.named_parameters():
+        if torch.count_nonzero(p) == 0:
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def layernorms(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+
+
+def small_vit() -> nn.Module:
+    torch.manual_seed(0)
+    m = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=32,
+                                             mlp_dim=64, num_classes=10)
+    return randomize_layernorms_and_heads(m).eval()
+
+
+def image(batch: int = 2, size: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(batch, 3, size, size, generator=g) * 2 + 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# hand-written language models
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d: int, heads: int, causal: bool) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.proj = (nn.Linear(d, d) for _ in range(4))
+        self.heads, self.causal = heads, causal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        split = lambda y: y.view(b, t, self.heads, c // self.heads).transpose(1, 2)  # noqa: E731
+        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), is_causal=self.causal)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class PreLNBlock(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d, eps=1e-5), nn.LayerNorm(d, eps=1e-5)
+        self.attn = SelfAttention(d, heads, causal=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class TinyGPT(nn.Module):
+    """Pre-LN GPT: token + position embeddings, final LayerNorm, LM head tied to the token embedding."""
+
+    def __init__(self, vocab: int = 50, ctx: int = 16, d: int = 32, heads: int = 4, layers: int = 2,
+                 final_norm: bool = True) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.blocks = nn.Sequential(*(PreLNBlock(d, heads) for _ in range(layers)))
+        self.ln_f = nn.LayerNorm(d) if final_norm else nn.Identity()
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.tok.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.tok(idx) + self.pos(pos)
+        return self.lm_head(self.ln_f(self.blocks(x)))
+
+
+class PostLNBlock(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.attn = SelfAttention(d, heads, causal=False)
+        self.ln1, self.ln2 = nn.LayerNorm(d, eps=1e-12), nn.LayerNorm(d, eps=1e-12)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln1(x + self.attn(x))
+        return self.ln2(x + self.mlp(x))
+
+
+class TinyBERT(nn.Module):
+    """Post-LN encoder (BERT): embeddings -> LayerNorm, each block normalizes after its residual add."""
+
+    def __init__(self, vocab: int = 50, ctx: int = 16, d: int = 32, heads: int = 4, layers: int = 2) -> None:
+        super().__init__()
+        self.word, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.emb_ln = nn.LayerNorm(d, eps=1e-12)
+        self.blocks = nn.Sequential(*(PostLNBlock(d, heads) for _ in range(layers)))
+        self.pooler = nn.Linear(d, d)
+        self.classifier = nn.Linear(d, 3)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.blocks(self.emb_ln(self.word(idx) + self.pos(pos)))
+        return self.classifier(torch.tanh(self.pooler(x[:, 0])))
+
+
+def tokens(batch: int = 2, length: int = 16, vocab: int = 50) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(2))
+
+
+def conversions(result) -> dict[str, str]:
+    return {c.paths[0]: c.details["conversion"] for c in result.changes if c.action == "to_rmsnorm"}
+
+
+# ----------------------------------------------------------------------------------------------
+# exact
+
+
+@pytest.mark.parametrize("mode", ["exact", "auto"])
+def test_small_vit_is_converted_exactly(mode: str) -> None:
+    model, x = small_vit(), image()
+    model.train()
+    model.encoder.layers[0].eval()  # a mix of flags, to see they come back as given
+    flags = {n: m.training for n, m in model.named_modules()}
+    snap = state_snapshot(model)
+    before = run_eval(model, (x,))
+
+    r = layernorm_to_rmsnorm(model, mode=mode, example_inputs=x)
+
+    assert_state_equal(model, snap)  # inplace=False: the caller's model is untouched
+    assert all(isinstance(m, nn.LayerNorm) for n, m in model.named_modules() if n in layernorms(small_vit()))
+    out = r.module
+    assert not layernorms(out) and not r.skipped
+    assert set(conversions(r).values()) == {"exact"} and len(conversions(r)) == 7
+    assert {n: m.training for n, m in out.named_modules() if n in flags} == flags
+    assert_outputs_close(run_eval(out, (x,)), before, TOL, what=f"ViT {mode}")
+    # eps reused, scale kept, shift either kept or folded into the following Linear
+    for path, c in ((c.paths[0], c) for c in r.changes if c.action == "to_rmsnorm"):
+        new, old = out.get_submodule(path), model.get_submodule(path)
+        assert isinstance(new, nn.RMSNorm) and new.eps == old.eps
+        assert torch.equal(new.weight, old.weight)
+        assert isinstance(new, RMSNormWithBias) == (c.details["bias_folded_into"] is None)
+    assert conversions(r)  # ln_2 -> mlp.0 and the final ln -> head (through x[:, 0]) take the shift
+    folded = {c.paths[0]: c.details["bias_folded_into"] for c in r.changes if c.action == "to_rmsnorm"}
+    assert folded["encoder.ln"] == "heads.head" and folded["encoder.layers.encoder_layer_0.ln_2"].endswith("mlp.0")
+    assert folded["encoder.layers.encoder_layer_0.ln_1"] is None  # read by MultiheadAttention: kept as a bias
+    centred = {path for c in r.changes if c.action == "centre" for path in c.paths}
+    assert {"conv_proj.weight", "conv_proj.bias", "encoder.pos_embedding", "class_token"} <= centred
+    assert r.metrics["exact_verified"] is True
+    assert r.metrics["output_max_abs_error"] == pytest.approx(output_error(run_eval(out, (x,)), before)[0])
+    for v in r.metrics["layers"].values():
+        assert v["input_mean_over_rms"] < MEAN_FREE_RATIO[torch.float32]
+
+
+def test_real_vit_b_16_is_converted_exactly() -> None:
+    torch.manual_seed(0)
+    model = randomize_layernorms_and_heads(torchvision.models.vit_b_16(num_classes=10)).eval()
+    x = image(1, 224)
+    before = run_eval(model, (x,))
+    r = layernorm_to_rmsnorm(model, mode="exact", example_inputs=x, inplace=True)
+    assert r.module is model
+    assert not r.skipped and not layernorms(model)
+    assert len(conversions(r)) == 25 and set(conversions(r).values()) == {"exact"}
+    # 12 attention out_proj + 12 MLP output linears + patch conv + position embedding + class token
+    assert sum(c.action == "centre" for c in r.changes) == 27
+    assert_outputs_close(run_eval(model, (x,)), before, TOL, what="vit_b_16 exact")
+    assert r.metrics["graph_source"] == "fx" and r.metrics["exact_verified"] is True
+
+
+def test_gpt_with_tied_head_is_exact_and_untied() -> None:
+    torch.manual_seed(0)
+    model = randomize_layernorms_and_heads(TinyGPT()).eval()
+    idx = tokens()
+    before = run_eval(model, (idx,))
+    snap = state_snapshot(model)
+
+    r = layernorm_to_rmsnorm(model, mode="exact", example_inputs=idx)
+
+    assert_state_equal(model, snap)
+    assert model.lm_head.weight is model.tok.weight  # the caller's tie is untouched
+    out = r.module
+    assert not r.skipped and set(conversions(r).values()) == {"exact"} and len(conversions(r)) == 5
+    unties = [c for c in r.changes if c.action == "untie"]
+    assert len(unties) == 1 and "lm_head.weight" in unties[0].message
+    assert out.lm_head.weight is not out.tok.weight
+    assert torch.equal(out.lm_head.weight, model.tok.weight)  # the head keeps the original values
+    assert torch.allclose(out.tok.weight.double().mean(dim=1), torch.zeros(50, dtype=torch.float64), atol=1e-6)
+    assert_outputs_close(run_eval(out, (idx,)), before, TOL, what="TinyGPT exact")
+    # without the untie the head would read the centred embedding: the outputs would differ
+    broken = copy.deepcopy(out)
+    broken.lm_head.weight = broken.tok.weight
+    assert output_error(run_eval(broken, (idx,)), before)[0] > 100 * TOL.atol
+
+
+# ----------------------------------------------------------------------------------------------
+# refused / approximate
+
+
+def test_post_ln_bert_is_approx_in_auto_and_refused_in_exact() -> None:
+    torch.manual_seed(0)
+    model = randomize_layernorms_and_heads(TinyBERT()).eval()
+    idx = tokens()
+    before = run_eval(model, (idx,))
+    block_lns = [n for n in layernorms(model) if n.startswith("blocks.")]
+
+    auto = layernorm_to_rmsnorm(model, mode="auto", example_inputs=idx)
+    conv = conversions(auto)
+    # the embedding sum is read only by emb_ln: that one is exact; every post-LN block is not
+    assert conv == {"emb_ln": "exact", **{n: "approx" for n in block_lns}}
+    why = {c.paths[0]: c.details["reason"] for c in auto.changes if c.action == "to_rmsnorm"}
+    assert "post-LN" in why["blocks.0.ln1"] and "emb_ln" in why["blocks.0.ln1"]
+    assert "blocks.0.attn.q (Linear)" in why["blocks.0.ln1"]  # the consumer that reads the stream
+    assert "approx" in next(c.message for c in auto.changes if c.paths[0] == "blocks.0.ln1")
+    err = output_error(run_eval(auto.module, (idx,)), before)
+    assert auto.metrics["output_max_abs_error"] == pytest.approx(err[0]) and err[0] > 0
+    assert set(auto.metrics["layers"]) == set(layernorms(model))
+
+    exact = layernorm_to_rmsnorm(model, mode="exact", example_inputs=idx)
+    assert conversions(exact) == {"emb_ln": "exact"}
+    assert sorted(s.paths[0] for s in exact.skipped) == sorted(block_lns)
+    assert all("post-LN" in s.reason for s in exact.skipped)
+    assert_outputs_close(run_eval(exact.module, (idx,)), before, TOL, what="TinyBERT exact (refused blocks)")
+
+
+def test_head_reading_the_stream_without_layernorm_is_refused() -> None:
+    torch.manual_seed(0)
+    model = randomize_layernorms_and_heads(TinyGPT(final_norm=False)).eval()
+    idx = tokens()
+    r = layernorm_to_rmsnorm(model, mode="exact", example_inputs=idx)
+    assert not any(c.action in ("to_rmsnorm", "centre") for c in r.changes)
+    assert len(r.skipped) == 4 and all("lm_head (Linear)" in s.reason for s in r.skipped)
+    assert_outputs_close(run_eval(r.module, (idx,)), run_eval(model, (idx,)), TOL, what="refused")
+
+
+class Gated(nn.Module):
+    """The stream is multiplied by a per-feature gate: does not commute with centring."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(8, d), nn.Linear(d, 4)
+        self.gate = nn.Parameter(torch.rand(d) + 0.5)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out(self.ln2(h * self.gate + self.ln1(h)))
+
+
+def test_gate_on_the_stream_is_refused_with_the_op_named() -> None:
+    torch.manual_seed(0)
+    model = randomize_layernorms_and_heads(Gated()).eval()
+    x = torch.randn(3, 8)
+    r = layernorm_to_rmsnorm(model, mode="auto", example_inputs=x)
+    why = {c.paths[0]: c.details["reason"] for c in r.changes if c.action == "to_rmsnorm"}
+    assert set(conversions(r).values()) == {"approx"}
+    assert "mul" in why["ln2"] and "mul" in why["ln1"]  # ln1 reads h, which the gate also reads
+
+
+def test_approx_reports_the_error_it_makes() -> None:
+    model, x = small_vit(), image()
+    before = run_eval(model, (x,))
+    r = layernorm_to_rmsnorm(model, mode="approx", example_inputs=x, fold_bias=False)
+    assert set(conversions(r).values()) == {"approx"}
+    assert not any(c.action == "centre" for c in r.changes)
+    assert all(isinstance(r.module.get_submodule(p), RMSNormWithBias) for p in conversions(r))
+    assert all("exact would be possible" in c.details["reason"] for c in r.changes if c.action == "to_rmsnorm")
+    abs_err, rel_err = output_error(run_eval(r.module, (x,)), before)
+    assert r.metrics["output_max_abs_error"] == pytest.approx(abs_err)
+    assert r.metrics["output_rel_error"] == pytest.approx(rel_err)
+    assert abs_err > 1e-2  # uncentred inputs: RMSNorm is not LayerNorm
+    layer = r.metrics["layers"]["encoder.layers.encoder_layer_0.ln_1"]
+    assert layer["max_abs_error"] > 0 and layer["input_mean_over_rms"] > 1e-2
+    # The first LayerNorm's input is the same in both models: its error is exactly LN(x) - RMSNorm(x) - b.
+    ln = model.encoder.layers[0].ln_1
+    seen = {}
+    h = ln.register_forward_hook(lambda m, a, o: seen.setdefault("x", a[0]))
+    run_eval(model, (x,))
+    h.remove()
+    rms = nn.RMSNorm(32, eps=ln.eps)
+    with torch.no_grad():
+        rms.weight.copy_(ln.weight)
+        expect = (ln(seen["x"]) - rms(seen["x"]) - ln.bias).abs().max().item()
+    assert layer["max_abs_error"] == pytest.approx(expect, rel=1e-3)
+
+
+def test_fold_bias_off_is_still_exact_and_bad_mode_is_a_usage_error() -> None:
+    model, x = small_vit(), image()
+    r = layernorm_to_rmsnorm(model, mode="exact", example_inputs=x, fold_bias=False)
+    assert all(isinstance(r.module.get_submodule(p), RMSNormWithBias) for p in conversions(r))
+    assert_outputs_close(run_eval(r.module, (x,)), run_eval(model, (x,)), TOL, what="exact, shifts kept")
+    with pytest.raises(UsageError, match="mode must be one of"):
+        layernorm_to_rmsnorm(model, mode="exactly")
