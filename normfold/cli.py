@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "demo": "normfold.commands.demo:DemoCommand",
     "inspect": "normfold.commands.inspect:InspectCommand",
     "fold": "normfold.commands.fold:FoldCommand",
+    "recalibrate": "normfold.commands.recalibrate:RecalibrateCommand",
 }
 
 

@@ -109,7 +109,8 @@ class LayerShift:
     ``mean_shift``: RMS over channels of ``(new_mean - old_mean) / sqrt(old_var + eps)``,
     in units of the old standard deviation. ``max_mean_shift``: the same, largest channel.
     ``var_shift``: RMS over channels of ``|ln((new_var + eps) / (old_var + eps))|``
-    (0 unchanged, 0.69 when the variance doubled or halved). ``count``: values per
+    (0 unchanged, 0.69 when the variance doubled or halved). ``var_ratio``: the factor the
+    variance changed by, geometric mean over channels of ``(new_var + eps) / (old_var + eps)``. ``count``: values per
     channel the new statistics are made of (all ranks); ``calls``: calls seen.
     The old and new statistics themselves are kept, in float64 on the CPU.
     """
@@ -121,6 +122,7 @@ class LayerShift:
     mean_shift: float
     max_mean_shift: float
     var_shift: float
+    var_ratio: float
     old_mean: torch.Tensor = field(repr=False, compare=False)
     old_var: torch.Tensor = field(repr=False, compare=False)
     new_mean: torch.Tensor = field(repr=False, compare=False)
@@ -128,7 +130,8 @@ class LayerShift:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "kind": self.kind, "calls": self.calls, "count": self.count,
-                "mean_shift": self.mean_shift, "max_mean_shift": self.max_mean_shift, "var_shift": self.var_shift}
+                "mean_shift": self.mean_shift, "max_mean_shift": self.max_mean_shift, "var_shift": self.var_shift,
+                "var_ratio": self.var_ratio}
 
 
 @dataclass
@@ -723,8 +726,8 @@ def _run_batch(model: nn.Module, batch: Any, forward_fn: Callable | None, *, fir
 
 
 def _write_statistics(layers: list[_Layer], estimator: str, result: RecalibrationResult) -> None:
+    new_stats: list[tuple[_Layer, torch.Tensor, torch.Tensor]] = []
     for layer in layers:
-        m = layer.module
         if layer.calls == 0:
             layer.restore()
             result.skipped.append(Skip(_NAME, (layer.path,), "not called by forward() on this data; its statistics "
@@ -741,8 +744,18 @@ def _write_statistics(layers: list[_Layer], estimator: str, result: Recalibratio
             new_mean, new_var = layer.sum_mean / layer.calls, layer.sum_var / layer.calls
         else:
             new_mean, new_var = layer.ema_mean, layer.ema_var
+        new_stats.append((layer, new_mean.detach().double().cpu(), new_var.detach().double().cpu()))
+    # Check every layer before writing any: a NaN in the data must not leave a half-recalibrated model.
+    for layer, new_mean, new_var in new_stats:
+        dtype = layer.module.running_mean.dtype
+        if not (torch.isfinite(new_mean.to(dtype)).all() and torch.isfinite(new_var.to(dtype)).all()):
+            for each in layers:
+                each.restore()
+            raise InputError(f"the data give {layer.path} non-finite statistics (NaN or inf in the data, or values "
+                             f"beyond {str(dtype).replace('torch.', '')}); clean the data and run again")
+    for layer, new_mean, new_var in new_stats:
+        m = layer.module
         old_mean, old_var = layer.saved_mean.double().cpu(), layer.saved_var.double().cpu()
-        new_mean, new_var = new_mean.detach().double().cpu(), new_var.detach().double().cpu()
         with torch.no_grad():
             m.running_mean.copy_(new_mean)
             m.running_var.copy_(new_var)
@@ -754,7 +767,8 @@ def _write_statistics(layers: list[_Layer], estimator: str, result: Recalibratio
         log_ratio = torch.log((new_var.clamp_min(0) + eps) / (old_var.clamp_min(0) + eps))
         shift = LayerShift(path=layer.path, kind=type(m).__name__, calls=layer.calls, count=int(layer.n),
                            mean_shift=float(z.pow(2).mean().sqrt()), max_mean_shift=float(z.abs().max()),
-                           var_shift=float(log_ratio.pow(2).mean().sqrt()), old_mean=old_mean, old_var=old_var,
+                           var_shift=float(log_ratio.pow(2).mean().sqrt()),
+                           var_ratio=math.exp(float(log_ratio.mean())), old_mean=old_mean, old_var=old_var,
                            new_mean=new_mean, new_var=new_var)
         result.shifts.append(shift)
         per_batch = layer.calls / max(result.batches, 1)
@@ -762,6 +776,6 @@ def _write_statistics(layers: list[_Layer], estimator: str, result: Recalibratio
         result.changes.append(Change(
             _NAME, "recalibrated", (layer.path,),
             f"recalibrated {layer.path} ({estimator}, {int(layer.n)} values/channel): mean moved "
-            f"{shift.mean_shift:.3g} old sd (max {shift.max_mean_shift:.3g}), variance x{math.exp(float(log_ratio.mean())):.3g}"
+            f"{shift.mean_shift:.3g} old sd (max {shift.max_mean_shift:.3g}), variance x{shift.var_ratio:.3g}"
             f"{twice}{' (own forward run in training mode)' if layer.own_forward else ''}",
             details=shift.to_dict()))
