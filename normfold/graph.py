@@ -202,7 +202,10 @@ def build_graph(model: nn.Module, example_inputs: Any = None, *, allow_export: b
     """
     inputs = _as_tuple(example_inputs)
     try:
-        graph = _LeafTracer().trace(model)
+        try:
+            graph = _LeafTracer().trace(model)
+        finally:
+            _scrub_proxies(model)
         gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
     except Exception as exc:  # symbolic tracing fails on data-dependent control flow and more
         fx_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -220,6 +223,20 @@ def build_graph(model: nn.Module, example_inputs: Any = None, *, allow_export: b
     graph = _graph_from_fx(model, gm)
     graph.example_inputs = inputs or None
     return graph
+
+
+def _scrub_proxies(model: nn.Module) -> None:
+    """Drop torch.fx Proxies that forward() cached in module dicts while being traced.
+
+    timm's LeViT caches ``attention_biases[:, idxs]`` in a dict in eval mode;
+    traced, the cache keeps a Proxy of that graph, which a second trace then
+    reads back as a node of another graph (and the user's model would carry it).
+    """
+    for m in model.modules():
+        for value in list(vars(m).values()):
+            if isinstance(value, dict) and not isinstance(value, (nn.Module,)) and value:
+                for k in [k for k, v in value.items() if isinstance(v, torch.fx.Proxy) or isinstance(k, torch.fx.Proxy)]:
+                    del value[k]
 
 
 def _propagate_shapes(model: nn.Module, gm: torch.fx.GraphModule, inputs: tuple) -> None:

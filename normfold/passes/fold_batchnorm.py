@@ -405,14 +405,26 @@ def _shared_parameters(module: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_inputs: Any = None) -> PassResult:
-    """Fold eval-mode BatchNorms into the Conv/ConvTranspose/Linear before them.
+def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_inputs: Any = None,
+                   forward: bool = True, weight_standardization: bool = True) -> PassResult:
+    """Fold eval-mode BatchNorms into the Conv/ConvTranspose/Linear before them, or after them.
 
     ``example_inputs`` (a tensor or tuple of positional inputs) gives tensor
     ranks for Linear -> BatchNorm1d and lets torch.export trace models torch.fx
     cannot; when omitted, an input shape is inferred from the first layer if
-    possible. Returns a :class:`PassResult`; see the module docstring for the math.
+    possible. With ``forward`` (default), BatchNorms the direct fold leaves are
+    folded through channel-wise ops (reshape, permute, pools, ...) into the
+    layer before them, or forward into the layer after them
+    (:mod:`normfold.passes.fold_batchnorm_forward`); with
+    ``weight_standardization`` (default), timm StdConv2d / ScaledStdConv2d are
+    first baked into plain convs (:mod:`normfold.passes.weight_standardization`).
+    Returns a :class:`PassResult`; see the module docstring for the math.
     """
+    if forward or weight_standardization:
+        from normfold.passes.fold_batchnorm_forward import FoldBatchNormAll
+
+        return FoldBatchNormAll(example_inputs=example_inputs, forward=forward,
+                                weight_standardization=weight_standardization)(model, inplace=inplace)
     return FoldBatchNorm(example_inputs=example_inputs, infer_inputs=True)(model, inplace=inplace)
 
 
