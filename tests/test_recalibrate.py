@@ -436,6 +436,7 @@ def test_progress_bar_appears_on_long_runs_only(monkeypatch, capsys) -> None:
     ({}, (torch.randn(8, 3, 10, 10), torch.randn(7, 3, 10, 10)), InputError, "give them the same length"),
     ({}, (torch.randn(8, 3, 10, 10), "flag"), InputError, "pass a list or DataLoader of ready batches"),
     ({}, "loader", InputError, "forward_fn=lambda model, batch: model(batch[0])"),
+    ({}, "nan", InputError, "non-finite statistics"),
 ])
 def test_bad_input_raises_an_error_that_names_the_fix(kwargs, data, error, fix) -> None:
     model = SmallNet()
@@ -444,6 +445,10 @@ def test_bad_input_raises_an_error_that_names_the_fix(kwargs, data, error, fix) 
         data = shifted_data(8)
     elif isinstance(data, str) and data == "list":
         data = [shifted_data(8)]
+    elif isinstance(data, str) and data == "nan":
+        bad = shifted_data(8, 2)
+        bad[1, 2, 3, 3] = float("nan")
+        data = [shifted_data(8), bad]  # the first batch has already changed the buffers when the NaN comes
     elif isinstance(data, str) and data == "loader":
         x = shifted_data(8)
         data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(8)), batch_size=4)
