@@ -2,8 +2,9 @@
 
 It has Conv2d -> BatchNorm2d (with and without conv bias, grouped),
 ConvTranspose2d -> BatchNorm2d (grouped), a residual branch whose conv output
-has two users (must be left alone), a BatchNorm after an activation (must be
-left alone), and a Linear -> BatchNorm1d head on a 2-D tensor. BatchNorm
+has two users (must be left alone), a BatchNorm after an activation (cannot
+fold backward; folds forward into the head's Linear through the average pool
+and flatten), and a Linear -> BatchNorm1d head on a 2-D tensor. BatchNorm
 statistics and affine parameters are random and far from the identity, so a
 wrong fold cannot hide.
 """
@@ -30,7 +31,7 @@ class DemoNet(nn.Module):
         self.up_bn = nn.BatchNorm2d(32)
         self.skip_conv = nn.Conv2d(16, 32, 1)
         self.skip_bn = nn.BatchNorm2d(32)  # skip_conv's output is also added to the residual: not foldable
-        self.post_act_bn = nn.BatchNorm2d(32)  # sits after a ReLU: not foldable
+        self.post_act_bn = nn.BatchNorm2d(32)  # after a ReLU: only forward folding (into fc) can remove it
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(32, 64)
         self.fc_bn = nn.BatchNorm1d(64)

@@ -50,14 +50,14 @@ def test_fold_state_dict_writes_folded_model_beside_input(state_dict_file: Path,
     out_path = state_dict_file.with_name("model.folded.pt")
     assert out_path.exists()
     assert _digest(state_dict_file) == before
-    assert "folded 4 BatchNorm layer(s), left 2 alone" in out
+    assert "folded 5 BatchNorm layer(s), left 1 alone" in out
     assert "skip_conv output has 2 users" in out
     folded = torch.load(out_path, weights_only=False)
     original = build_demo_model(seed=3)
     x = torch.randn(5, 3, 32, 32) * 3 + 1
     with torch.no_grad():
         torch.testing.assert_close(folded(x), original(x), atol=1e-4, rtol=1e-3)
-    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) == 2
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) == 1
     assert not any(p.name.startswith(".model") for p in state_dict_file.parent.iterdir()), "temporary file left behind"
 
 
@@ -82,7 +82,7 @@ def test_inspect_lists_every_norm_layer(state_dict_file: Path, capsys) -> None:
     assert code == 0, err
     for path in ("stem.1", "block_bn", "up_bn", "skip_bn", "post_act_bn", "fc_bn"):
         assert path in out
-    assert "6 normalization layer(s)" in out and "4 BatchNorm(s) can be folded" in out
+    assert "6 normalization layer(s)" in out and "5 BatchNorm(s) can be folded" in out
 
 
 def test_demo_passes(capsys) -> None:
@@ -149,7 +149,7 @@ def test_console_script_end_to_end(state_dict_file: Path) -> None:
     ok = subprocess.run([sys.executable, "-m", "normfold.cli", "fold", str(state_dict_file), "--arch", ARCH,
                          "--input-shape", "2,3,32,32", "-q"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.strip().splitlines()[-1].startswith("folded 4 BatchNorm")
+    assert ok.stdout.strip().splitlines()[-1].startswith("folded 5 BatchNorm")
     bad = subprocess.run([sys.executable, "-m", "normfold.cli", "fold", str(state_dict_file)], capture_output=True, text=True)
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr and "--arch" in bad.stderr
