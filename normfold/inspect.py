@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from normfold.norms import is_batchnorm, norm_kind
-from normfold.passes.fold_batchnorm import FoldBatchNorm
+from normfold.passes.fold_batchnorm import fold_batchnorm
 
 __all__ = ["LayerReport", "inspect_model", "CONVERSIONS"]
 
@@ -49,9 +49,10 @@ def inspect_model(model: nn.Module, *, example_inputs: Any = None) -> tuple[list
     folds: dict[str, str] = {}
     skips: dict[str, str] = {}
     if any(is_batchnorm(m) for _, m in layers):
-        result = FoldBatchNorm(example_inputs=example_inputs)(model, inplace=False)
+        result = fold_batchnorm(model, example_inputs=example_inputs, inplace=False)
         for c in result.changes:
-            folds[c.paths[0]] = c.paths[1]
+            if c.action.startswith("fold"):
+                folds[c.paths[0]] = c.message
         for s in result.skipped:
             if s.paths:
                 skips.setdefault(s.paths[0], s.reason)
@@ -60,7 +61,7 @@ def inspect_model(model: nn.Module, *, example_inputs: Any = None) -> tuple[list
         kind = norm_kind(m) or "other"
         r = LayerReport(path=path, type=type(m).__name__, kind=kind)
         if path in folds:
-            r.actions.append(f"fold into {folds[path]}")
+            r.actions.append(folds[path])
         elif is_batchnorm(m):
             r.reason = skips.get(path, "not reached by the fold pass")
         r.actions.extend(f"convert to {c}" for c in CONVERSIONS.get(kind, []))
