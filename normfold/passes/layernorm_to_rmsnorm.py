@@ -50,7 +50,9 @@ and approximate elsewhere, and says which, and why, for every layer.
 The LayerNorm's shift ``b`` is kept either in :class:`RMSNormWithBias` or, when
 the LayerNorm's output is read only by one Linear (possibly through a selection
 along other axes, like ViT's class-token ``x[:, 0]``), folded into that
-Linear's bias: ``W (y + b) + c = W y + (W b + c)``.
+Linear's bias: ``W (y + b) + c = W y + (W b + c)``; likewise into the packed
+``in_proj_bias`` of a MultiheadAttention whose query, key and value are all that
+output (self-attention).
 """
 
 from __future__ import annotations
@@ -846,19 +848,22 @@ class LayerNormToRMSNorm(Pass):
         folded_bias = None
         bias_note = "no shift" if b is None else "shift kept as RMSNormWithBias.bias"
         if target is not None:
-            lin: nn.Linear = module.get_submodule(target)  # type: ignore[assignment]
+            reader = module.get_submodule(target)
+            holder, wname, bname = (reader, "in_proj_weight", "in_proj_bias") \
+                if isinstance(reader, nn.MultiheadAttention) else (reader, "weight", "bias")
+            weight, bias = getattr(holder, wname), getattr(holder, bname)
             with torch.no_grad():
                 beta = b.detach().to(torch.float64)
-                w64 = lin.weight.detach().to(torch.float64)
-                c64 = lin.bias.detach().to(torch.float64) if lin.bias is not None else torch.zeros(
+                w64 = weight.detach().to(torch.float64)
+                c64 = bias.detach().to(torch.float64) if bias is not None else torch.zeros(
                     w64.shape[0], dtype=torch.float64, device=w64.device)
-                new_c = (c64 + w64 @ beta).to(lin.weight.dtype)
-                if lin.bias is not None:
-                    lin.bias.copy_(new_c)
+                new_c = (c64 + w64 @ beta).to(weight.dtype)
+                if bias is not None:
+                    bias.copy_(new_c)
                 else:
-                    lin.bias = nn.Parameter(new_c, requires_grad=lin.weight.requires_grad)
+                    setattr(holder, bname, nn.Parameter(new_c, requires_grad=weight.requires_grad))
             folded_bias = b.detach().clone()
-            bias_note = f"shift folded into {target} (Linear) bias"
+            bias_note = f"shift folded into {target}.{bname} ({type(reader).__name__})"
         set_submodule(module, p.path, new)
         how = "exact: its input is mean-free" if p.conversion == "exact" else f"approx: {p.reason}"
         result.changes.append(Change(self.name, "to_rmsnorm", (p.path,) + ((target,) if target else ()),
@@ -869,8 +874,8 @@ class LayerNormToRMSNorm(Pass):
 
     def _bias_target(self, module: nn.Module, graph: ModelGraph, p: _LayerPlan,
                      slots: dict[int, list[tuple[str, str]]]) -> str | None:
-        """The Linear that alone reads this LayerNorm's output (through selections), or None."""
-        if len(p.calls) != 1:
+        """The Linear (or self-attention) that alone reads this LayerNorm's output (through selections), or None."""
+        if len(p.calls) != 1 or _norm_rank(module.get_submodule(p.path)) != 1:
             return None
         node, axis = p.calls[0], -1
         finder = _StreamFinder(graph, slots)
@@ -879,6 +884,8 @@ class LayerNormToRMSNorm(Pass):
             if len(users) != 1:
                 return None
             u = users[0]
+            if u.op == "module" and isinstance(graph.modules[u.target], nn.MultiheadAttention):
+                return u.target if self._mha_takes_shift(graph, u, node, slots) else None
             if u.op == "module":
                 m = graph.modules[u.target]
                 if not isinstance(m, nn.Linear) or producer_problem(m) is not None or graph.call_count(u.target) != 1:
@@ -909,6 +916,26 @@ class LayerNormToRMSNorm(Pass):
                 continue
             return None
         return None
+
+    @staticmethod
+    def _mha_takes_shift(graph: ModelGraph, u: GNode, ln_node: GNode, slots: dict[int, list[tuple[str, str]]]) -> bool:
+        """Self-attention whose query, key and value are all this LayerNorm's output: the shift goes into in_proj_bias.
+
+        ``in_proj(y + b) = W_in y + (W_in b + c_in)`` for the packed q/k/v projection; masks and
+        ``bias_k``/``bias_v`` are added after the projection and do not matter.
+        """
+        m = graph.modules[u.target]
+        if type(m).forward is not nn.MultiheadAttention.forward or not m._qkv_same_embed_dim:
+            return False
+        if m.in_proj_weight is None or m.in_proj_bias is None or graph.call_count(u.target) != 1:
+            return False
+        if graph.external_param_reads(u.target) or len(slots.get(id(m.in_proj_bias), [])) > 1:
+            return False
+        fx = u.fx_node
+        if fx is None or graph.source != "fx":
+            return False
+        qkv = list(fx.args[:3]) + [fx.kwargs[k] for k in ("query", "key", "value") if k in fx.kwargs]
+        return len(qkv) == 3 and all(isinstance(a, torch.fx.Node) and a is ln_node.fx_node for a in qkv)
 
     # -- measurement ------------------------------------------------------------------------------
     def _measure(self, module: nn.Module, inputs: tuple, plans: list[_LayerPlan], reference: "_Captured",

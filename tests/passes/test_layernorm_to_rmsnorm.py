@@ -168,10 +168,10 @@ def test_small_vit_is_converted_exactly(mode: str) -> None:
         assert isinstance(new, nn.RMSNorm) and new.eps == old.eps
         assert torch.equal(new.weight, old.weight)
         assert isinstance(new, RMSNormWithBias) == (c.details["bias_folded_into"] is None)
-    assert conversions(r)  # ln_2 -> mlp.0 and the final ln -> head (through x[:, 0]) take the shift
     folded = {c.paths[0]: c.details["bias_folded_into"] for c in r.changes if c.action == "to_rmsnorm"}
     assert folded["encoder.ln"] == "heads.head" and folded["encoder.layers.encoder_layer_0.ln_2"].endswith("mlp.0")
-    assert folded["encoder.layers.encoder_layer_0.ln_1"] is None  # read by MultiheadAttention: kept as a bias
+    # self-attention reads ln_1 as query, key and value: the shift goes into its packed in_proj_bias
+    assert folded["encoder.layers.encoder_layer_0.ln_1"] == "encoder.layers.encoder_layer_0.self_attention"
     centred = {path for c in r.changes if c.action == "centre" for path in c.paths}
     assert {"conv_proj.weight", "conv_proj.bias", "encoder.pos_embedding", "class_token"} <= centred
     assert r.metrics["exact_verified"] is True
