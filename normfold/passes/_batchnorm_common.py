@@ -113,7 +113,8 @@ def maybe_example_inputs(model: nn.Module, example_inputs: Any) -> tuple[Any, st
     try:
         inferred = infer_input_shapes(model)
     except NormfoldError as exc:
-        return None, str(exc)
+        # the message names the command-line flag; from Python the fix is the keyword argument
+        return None, f"{exc} (from Python: example_inputs=...)"
     except Exception as exc:  # a model that cannot even run on a guessed input
         return None, f"cannot infer an input shape ({type(exc).__name__}); pass example_inputs"
     dtype, device = model_dtype_device(model)

@@ -16,7 +16,7 @@ statistics (:func:`normfold.norms.batchnorm_affine`). The two differ in kind,
 so no conversion is exact; two starting points are offered:
 
 * naive (no calibration data): ``a_c = gamma_c``, ``b_c = beta_c``, ``eps``
-  copied. This is what Opacus' ``replace_all_modules`` and timm do.
+  copied.
 * warm start (``calibration_data``): ``(a_c, b_c)`` are the least-squares fit,
   per channel, of the BatchNorm's eval output on the GroupNorm's normalized
   input over every sample and position of the calibration data::
@@ -24,22 +24,28 @@ so no conversion is exact; two starting points are offered:
       a_c = cov(z, y_BN) / var(z)        b_c = mean(y_BN) - a_c * mean(z)
 
   The sums (count, sum z, sum y, sum z^2, sum zy, sum y^2 per channel) are
-  accumulated in float64 by forward pre-hooks during ONE eval pass of the
-  original model, so every layer is fitted on the inputs the trained network
-  actually gives it. The fit cannot be worse than the naive choice on the
-  calibration data (the naive ``(gamma, beta)`` is one candidate of the least
-  squares), and the residual of both is reported per layer in
-  ``result.metrics["calibration"]``.
+  accumulated in float64 by forward pre-hooks. By default this is ONE eval
+  pass of the original model: every layer is fitted on the inputs the trained
+  network gives it. With ``sequential=True`` the layers are fitted in call
+  order, layer ``k`` on the inputs produced by the already-converted layers
+  before it (the target staying the original BatchNorm output), so each layer
+  also makes up for what the GroupNorms upstream changed; it costs up to two
+  forwards per batch and layer (each stops once the layer has run). Either fit
+  is no worse than the naive choice on the inputs it was fitted on (the naive
+  ``(gamma, beta)`` is one candidate of the least squares); both residuals are
+  reported per layer in ``result.metrics["calibration"]``. A channel whose
+  ``z`` is constant on the data keeps ``gamma`` as its scale.
 
 Groups. ``num_groups`` if given, otherwise the largest divisor of ``C`` not
-above 32. A group must hold more than one value per sample, or GroupNorm
-outputs its bias alone whatever the input: on a 2-D ``(N, C)`` input (a
-BatchNorm1d after a Linear) ``G = C`` does exactly that, which is the bug
-Opacus' conversion has. The tensor rank comes from the graph with example
-inputs (inferred from the first layer when not given) or, failing that, from
-the BatchNorm kind (2d: 4-D, 3d: 5-D; a 1d or Sync one is then assumed 2-D).
-The default then takes the next smaller divisor; an explicit ``num_groups``
-that would do it is skipped with the reason.
+above 32 whose groups hold at least 3 values per sample. With one value per
+group GroupNorm outputs its bias alone whatever the input (``G = C`` on a 2-D
+``(N, C)`` input, a BatchNorm1d after a Linear: the conversion Opacus makes for
+``C <= 32``); with two it outputs ``+-1`` before the affine, only the sign of a
+difference. The number of values comes from the input shape in the graph with
+example inputs (inferred from the first layer when not given) or, failing
+that, from the BatchNorm kind (2d/3d: spatial extent assumed; 1d and Sync:
+assumed 2-D). An explicit ``num_groups`` that breaks the rule (or does not
+divide ``C``) is skipped with the reason.
 
 Kinds. BatchNorm1d/2d/3d, SyncBatchNorm, subclasses that keep BatchNorm's
 forward, torchvision's FrozenBatchNorm2d, and timm's BatchNormAct2d /
@@ -60,7 +66,7 @@ from torch import nn
 
 from normfold.errors import InputError, UsageError
 from normfold.graph import eval_mode, is_frozen_batchnorm
-from normfold.norms import _is_norm_act, batchnorm_affine, is_batchnorm, set_submodule
+from normfold.norms import BatchNormAffine, _is_norm_act, batchnorm_affine, is_batchnorm, set_submodule
 from normfold.passes._batchnorm_common import RankInfo, bn_channels, bn_forward_problem, input_ranks, iter_batches
 from normfold.passes.base import Change, Pass, PassResult, Skip
 
@@ -70,6 +76,9 @@ log = logging.getLogger(__name__)
 
 #: the largest group count the default picks (Wu & He, "Group Normalization": 32 works well)
 MAX_DEFAULT_GROUPS = 32
+#: fewest values a group must hold per sample: with 1 GroupNorm outputs its bias alone, with 2 it outputs
+#: +-1 before the affine (only the sign of the difference survives); both throw the input away
+MIN_GROUP_VALUES = 3
 
 
 def _divisors_desc(c: int, limit: int) -> list[int]:
@@ -77,15 +86,15 @@ def _divisors_desc(c: int, limit: int) -> list[int]:
 
 
 def default_num_groups(num_channels: int, *, values_per_channel: int | None = None) -> int | None:
-    """Largest divisor of ``num_channels`` not above 32 whose groups hold more than one value per sample.
+    """Largest divisor of ``num_channels`` not above 32 whose groups hold at least 3 values per sample.
 
     ``values_per_channel`` is the number of positions per channel and sample
     (1 on a 2-D ``(N, C)`` input, ``H*W`` on an image); None means unknown and
-    is treated as more than one. Returns None when no group count works (C=1
-    on a 2-D input).
+    is treated as enough. Returns None when no group count works (C < 3 on a
+    2-D input).
     """
     for g in _divisors_desc(num_channels, MAX_DEFAULT_GROUPS):
-        if values_per_channel is None or (num_channels // g) * values_per_channel > 1:
+        if values_per_channel is None or (num_channels // g) * values_per_channel >= MIN_GROUP_VALUES:
             return g
     return None
 
@@ -143,18 +152,73 @@ class _Stats:
         return a, b
 
 
+class _StopForward(Exception):
+    """Raised by a calibration hook to end a forward once the layer being fitted has run."""
+
+
+def _run(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    try:
+        with torch.no_grad():
+            module(*args, **kwargs)
+    except (_StopForward, InputError):
+        raise
+    except Exception as exc:
+        raise InputError(f"the calibration data do not fit the model ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); pass batches of model inputs") from exc
+
+
+def _capture(module: nn.Module, target: nn.Module, args: tuple, kwargs: dict, calls: int | None) -> list[torch.Tensor]:
+    """The inputs of every call of ``target`` during one forward, stopping after ``calls`` calls when known."""
+    seen: list[torch.Tensor] = []
+
+    def hook(m: nn.Module, a: tuple) -> None:
+        seen.append(a[0].detach())
+        if calls is not None and len(seen) >= calls:
+            raise _StopForward
+
+    h = target.register_forward_pre_hook(hook)
+    try:
+        _run(module, args, kwargs)
+    except _StopForward:
+        pass
+    finally:
+        h.remove()
+    return seen
+
+
+def _call_order(module: nn.Module, targets: list[nn.Module], batch: tuple[tuple, dict]) -> tuple[list[int], dict[int, int]]:
+    """ids of ``targets`` in the order of their first call, and how often each is called per forward."""
+    order: list[int] = []
+    calls: dict[int, int] = {}
+    handles = []
+    for t in targets:
+        def hook(m: nn.Module, a: tuple) -> None:
+            if id(m) not in calls:
+                order.append(id(m))
+            calls[id(m)] = calls.get(id(m), 0) + 1
+
+        handles.append(t.register_forward_pre_hook(hook))
+    try:
+        _run(module, *batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return order, calls
+
+
 class BatchNormToGroupNorm(Pass):
     """Replace every BatchNorm with GroupNorm; see the module docstring for groups and the warm start."""
 
     name = "batchnorm_to_groupnorm"
 
-    def __init__(self, *, num_groups: int | None = None, calibration_data: Any = None,
+    def __init__(self, *, num_groups: int | None = None, calibration_data: Any = None, sequential: bool = False,
                  example_inputs: Any = None) -> None:
         if num_groups is not None and (not isinstance(num_groups, int) or isinstance(num_groups, bool)
                                        or num_groups < 1):
             raise UsageError(f"num_groups must be a positive integer, got {num_groups!r}")
         self.num_groups = num_groups
         self.calibration_data = calibration_data
+        self.sequential = bool(sequential)
         self.example_inputs = example_inputs
 
     def call(self, module: nn.Module) -> PassResult:
@@ -209,77 +273,135 @@ class BatchNormToGroupNorm(Pass):
             g = self.num_groups
             if c % g:
                 return f"num_groups={g} does not divide its {c} channels; pass a divisor of {c}"
-            if per_channel is not None and (c // g) * per_channel <= 1:
-                return (f"num_groups={g} leaves one value per group on its {rank_note}: GroupNorm would output "
-                        f"its bias alone whatever the input; pass a num_groups below {c}")
+            if per_channel is not None and (c // g) * per_channel < MIN_GROUP_VALUES:
+                n_val = (c // g) * per_channel
+                what = "its bias alone" if n_val == 1 else "only the sign of the difference of the two values"
+                return (f"num_groups={g} leaves {n_val} value(s) per group and sample on its {rank_note}: GroupNorm "
+                        f"would output {what}, whatever the input; pass a num_groups of at most "
+                        f"{max(1, (c * per_channel) // MIN_GROUP_VALUES)}")
         else:
             g = default_num_groups(c, values_per_channel=per_channel)
             if g is None:
-                return (f"{c} channel(s) with one value each per sample ({rank_note}): every GroupNorm would "
-                        "output its bias alone whatever the input")
+                return (f"{c} channel(s) with one value each per sample ({rank_note}): no GroupNorm group can "
+                        f"hold the {MIN_GROUP_VALUES} values it needs to normalize without discarding the input")
         return _Plan(path, bn, g, rank_note)
 
     # -- calibration --------------------------------------------------------------------------------
     def _calibrate(self, module: nn.Module, plans: list[_Plan]) -> dict[str, Any]:
+        """Per-layer least-squares ``(a, b, metrics)``, or a string saying why a layer gets no warm start."""
         out: dict[str, Any] = {}
-        stats: dict[str, _Stats] = {}
-        affines: dict[str, Any] = {}
-        handles = []
+        affines: dict[str, BatchNormAffine] = {}
         with eval_mode(module):
             for plan in plans:
                 aff = batchnorm_affine(plan.bn)
                 if isinstance(aff, str):
                     out[plan.path] = f"no warm start: {aff}"
-                    continue
-                affines[plan.path] = aff
-
-                def hook(m: nn.Module, args: tuple, *, _path: str = plan.path, _g: int = plan.groups) -> None:
-                    x = args[0].detach().to(torch.float64)
-                    aff_ = affines[_path]
-                    shape = (1, -1) + (1,) * (x.dim() - 2)
-                    y = x * aff_.scale.to(x.device).reshape(shape) + aff_.shift.to(x.device).reshape(shape)
-                    z = F.group_norm(x, _g, None, None, aff_.eps)
-                    st = stats.get(_path)
-                    if st is None:
-                        st = stats[_path] = _Stats(x.shape[1], x.device)
-                    st.add(z, y)
-
-                handles.append(plan.bn.register_forward_pre_hook(hook))
-            try:
-                device = next((p.device for p in module.parameters()), None)
-                batches = 0
-                with torch.no_grad():
-                    for args, kwargs in iter_batches(self.calibration_data, device=device):
-                        module(*args, **kwargs)
-                        batches += 1
-            except InputError:
-                raise
-            except Exception as exc:
-                raise InputError(f"the calibration data do not fit the model ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); pass batches of model inputs") from exc
-            finally:
-                for h in handles:
-                    h.remove()
-        if batches == 0:
-            raise InputError("calibration_data yielded no batch; pass at least one batch of inputs")
-        for plan in plans:
-            if plan.path in out:
-                continue
+                else:
+                    affines[plan.path] = aff
+            fitted = [p for p in plans if p.path in affines]
+            device = next((p.device for p in module.parameters()), None)
+            if self.sequential:
+                batches = list(iter_batches(self.calibration_data, device=device))
+                stats = self._sequential_stats(module, fitted, affines, batches, out)
+            else:
+                batches = iter_batches(self.calibration_data, device=device)
+                stats = self._one_pass_stats(module, fitted, affines, batches)
+        for plan in fitted:
             st = stats.get(plan.path)
             if st is None:
                 out[plan.path] = "no warm start: not called on the calibration data"
-                continue
-            aff = affines[plan.path]
-            a, b = st.fit(aff.weight)
-            n_el = float(st.n.sum())
-            naive = float(st.rss(aff.weight, aff.bias).sum())
-            fitted = float(st.rss(a, b).sum())
-            out[plan.path] = (a, b, {"naive_rmse": math.sqrt(naive / n_el), "fitted_rmse": math.sqrt(fitted / n_el),
-                                     "values": int(n_el)})
+            elif plan.path not in out:
+                out[plan.path] = self._fit(st, affines[plan.path])
         return out
 
+    @staticmethod
+    def _fit(st: _Stats, aff: BatchNormAffine) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        a, b = st.fit(aff.weight)
+        n_el = float(st.n.sum())
+        naive = float(st.rss(aff.weight, aff.bias).sum())
+        fitted = float(st.rss(a, b).sum())
+        return a, b, {"naive_rmse": math.sqrt(naive / n_el), "fitted_rmse": math.sqrt(fitted / n_el),
+                      "values": int(n_el)}
+
+    @staticmethod
+    def _accumulate(stats: dict[str, _Stats], path: str, x_in: torch.Tensor, x_target: torch.Tensor, groups: int,
+                    aff: BatchNormAffine) -> None:
+        """Add one call: ``z`` normalizes ``x_in`` as the GroupNorm will, ``y`` is the BN eval output on ``x_target``."""
+        x = x_in.detach().to(torch.float64)
+        xt = x_target.detach().to(torch.float64)
+        shape = (1, -1) + (1,) * (xt.dim() - 2)
+        y = xt * aff.scale.to(xt.device).reshape(shape) + aff.shift.to(xt.device).reshape(shape)
+        z = F.group_norm(x, groups, None, None, aff.eps)
+        st = stats.get(path)
+        if st is None:
+            st = stats[path] = _Stats(x.shape[1], x.device)
+        st.add(z, y)
+
+    def _one_pass_stats(self, module: nn.Module, plans: list[_Plan], affines: dict[str, BatchNormAffine],
+                        batches: Any) -> dict[str, _Stats]:
+        """Every layer fitted on the original model's own inputs to it: one forward per batch."""
+        stats: dict[str, _Stats] = {}
+        handles = []
+        for plan in plans:
+            def hook(m: nn.Module, args: tuple, *, _p: _Plan = plan) -> None:
+                self._accumulate(stats, _p.path, args[0], args[0], _p.groups, affines[_p.path])
+
+            handles.append(plan.bn.register_forward_pre_hook(hook))
+        try:
+            n = 0
+            for args, kwargs in batches:
+                _run(module, args, kwargs)
+                n += 1
+        finally:
+            for h in handles:
+                h.remove()
+        if n == 0:
+            raise InputError("calibration_data yielded no batch; pass at least one batch of inputs")
+        return stats
+
+    def _sequential_stats(self, module: nn.Module, plans: list[_Plan], affines: dict[str, BatchNormAffine],
+                          batches: list[tuple[tuple, dict]], out: dict[str, Any]) -> dict[str, _Stats]:
+        """Layers fitted in call order, each on the inputs the already-converted layers before it produce.
+
+        The target is still the original model's BatchNorm output, so a layer
+        can make up for what the GroupNorms upstream changed. Costs up to two
+        forwards per batch per layer (each stops once the layer has run).
+        """
+        if not batches:
+            raise InputError("calibration_data yielded no batch; pass at least one batch of inputs")
+        order, calls = _call_order(module, [p.bn for p in plans], batches[0])
+        by_bn = {id(p.bn): p for p in plans}
+        ordered = [by_bn[i] for i in order if i in by_bn]
+        stats: dict[str, _Stats] = {}
+        done: list[tuple[str, nn.Module, nn.Module]] = []  # (path, bn, fitted gn)
+        try:
+            for plan in ordered:
+                for args, kwargs in batches:
+                    for path, bn, _ in done:
+                        set_submodule(module, path, bn)
+                    target = _capture(module, plan.bn, args, kwargs, calls.get(id(plan.bn)))
+                    for path, _, gn in done:
+                        set_submodule(module, path, gn)
+                    seen = _capture(module, plan.bn, args, kwargs, calls.get(id(plan.bn)))
+                    for x_in, x_t in zip(seen, target):
+                        self._accumulate(stats, plan.path, x_in, x_t, plan.groups, affines[plan.path])
+                st = stats.get(plan.path)
+                if st is None:
+                    continue
+                fit = self._fit(st, affines[plan.path])
+                out[plan.path] = fit
+                gn = self._build(plan, fit)
+                gn.eval()
+                done.append((plan.path, plan.bn, gn))
+        finally:
+            # leave the BatchNorms in place: _replace puts the final GroupNorms in
+            for path, bn, _ in done:
+                set_submodule(module, path, bn)
+        return stats
+
     # -- edit ---------------------------------------------------------------------------------------
-    def _replace(self, module: nn.Module, plan: _Plan, fit: Any, result: PassResult) -> None:
+    def _build(self, plan: _Plan, fit: Any) -> nn.Module:
+        """The GroupNorm (or timm GroupNormAct) for ``plan``: fitted ``(a, b)`` when ``fit`` is one, else gamma/beta."""
         bn = plan.bn
         c = bn_channels(bn)
         eps = float(getattr(bn, "eps", 1e-5))
@@ -312,6 +434,14 @@ class BatchNormToGroupNorm(Pass):
             gn.weight.requires_grad_(requires_grad)
             gn.bias.requires_grad_(requires_grad)
         gn.train(bn.training)
+        return gn
+
+    def _replace(self, module: nn.Module, plan: _Plan, fit: Any, result: PassResult) -> None:
+        bn = plan.bn
+        c = bn_channels(bn)
+        frozen = is_frozen_batchnorm(bn)
+        warm = fit is not None and not isinstance(fit, str)
+        gn = self._build(plan, fit)
         set_submodule(module, plan.path, gn)
         how = "warm-started by least squares on the calibration data" if warm else "gamma/beta copied"
         if isinstance(fit, str):
@@ -329,7 +459,7 @@ class BatchNormToGroupNorm(Pass):
 
 
 def batchnorm_to_groupnorm(model: nn.Module, *, num_groups: int | None = None, calibration_data: Any = None,
-                           example_inputs: Any = None, inplace: bool = False) -> PassResult:
+                           sequential: bool = False, example_inputs: Any = None, inplace: bool = False) -> PassResult:
     """Replace every BatchNorm (1d/2d/3d, Sync, subclasses, frozen, timm norm-act) by GroupNorm.
 
     ``num_groups``: groups per layer; default the largest divisor of the
@@ -337,8 +467,11 @@ def batchnorm_to_groupnorm(model: nn.Module, *, num_groups: int | None = None, c
     ``calibration_data``: a Tensor or an iterable of batches (Tensor, dict, or
     ``(input, label)``); when given, each channel's GroupNorm scale and shift
     are fitted by least squares to the BatchNorm's eval output on those data
-    (a warm start; see the module docstring). ``example_inputs`` give the
-    tensor ranks (inferred from the first layer when omitted).
+    (a warm start; see the module docstring). ``sequential=True`` fits the
+    layers in call order, each on the inputs the GroupNorms before it produce
+    (better, about one forward pass over the data per layer; the data are held
+    in memory). ``example_inputs`` give the tensor ranks (inferred from the
+    first layer when omitted).
     """
-    return BatchNormToGroupNorm(num_groups=num_groups, calibration_data=calibration_data,
+    return BatchNormToGroupNorm(num_groups=num_groups, calibration_data=calibration_data, sequential=sequential,
                                 example_inputs=example_inputs)(model, inplace=inplace)
