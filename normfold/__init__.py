@@ -2,7 +2,11 @@
 
 from normfold.errors import NormfoldError
 from normfold.passes.base import Change, Pass, PassManager, PassResult, Skip
+from normfold.passes.batchnorm_to_groupnorm import batchnorm_to_groupnorm
 from normfold.passes.fold_batchnorm import fold_batchnorm
+from normfold.passes.fold_weight_norm import fold_weight_norm
+from normfold.passes.freeze_batchnorm import FrozenAffine, freeze_batchnorm, unfreeze_batchnorm
+from normfold.passes.syncbn import from_syncbn, to_syncbn
 from normfold.passes.layernorm_to_rmsnorm import RMSNormWithBias, layernorm_to_rmsnorm
 from normfold.recalibrate import LayerShift, RecalibrationResult, recalibrate
 
@@ -16,6 +20,13 @@ __all__ = [
     "PassResult",
     "PassManager",
     "fold_batchnorm",
+    "batchnorm_to_groupnorm",
+    "to_syncbn",
+    "from_syncbn",
+    "freeze_batchnorm",
+    "unfreeze_batchnorm",
+    "FrozenAffine",
+    "fold_weight_norm",
     "layernorm_to_rmsnorm",
     "RMSNormWithBias",
     "recalibrate",
