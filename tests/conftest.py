@@ -30,8 +30,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from normfold.graph import eval_mode, is_frozen_batchnorm
 from normfold.tolerances import Tolerance, for_dtype
 
-# Two cores shared by everything: do not let one test oversubscribe them.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread by default: on a machine whose 2 cores are shared with other processes, torch's
+# OpenMP threads spin at every barrier while the other thread is descheduled, and a 2-thread forward
+# pass was measured 50x slower than a 1-thread one (efficientnet_b0 at 32x32: 4.4 s vs 0.08 s).
+# NORMFOLD_TEST_THREADS=2 on a machine of your own.
+torch.set_num_threads(int(os.environ.get("NORMFOLD_TEST_THREADS", "1")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,3 +210,4 @@ def run_counting(model: nn.Module, inputs: Sequence[Any]) -> tuple[Any, int]:
 def bn_randomizer() -> Callable[..., nn.Module]:
     """:func:`randomize_bn_stats` as a fixture, for tests that prefer fixtures to imports."""
     return randomize_bn_stats
+
