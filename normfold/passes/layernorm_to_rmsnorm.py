@@ -280,6 +280,11 @@ class _StreamFinder:
         if value.shape[axis] == 1:
             raise _Refuse(f"{n.target} {tuple(value.shape)} has size 1 along the hidden axis (a constant "
                           "broadcast over it cannot be mean-free)")
+        holders = self.shared_slots.get(id(value), [])
+        if len(holders) > 1 and g.source != "fx":
+            raise _Refuse(f"{n.target} is tied to {', '.join(_slot_name(h) for h in holders if _slot_name(h) != n.target)} "
+                          "(tied weights) and the model was traced with torch.export, which does not tell normfold "
+                          "which reader is which: untie them, or make the model traceable by torch.fx")
         if owner in g.calls:
             raise _Refuse(f"{n.target} is also read inside {owner} ({type(t).__name__}), which normfold would change too")
         self.a.writers[n] = _Writer(n, f"the parameter {n.target}", [(owner, name, value.dim() + axis)], None)

@@ -318,3 +318,33 @@ def test_fold_bias_off_is_still_exact_and_bad_mode_is_a_usage_error() -> None:
     assert_outputs_close(run_eval(r.module, (x,)), run_eval(model, (x,)), TOL, what="exact, shifts kept")
     with pytest.raises(UsageError, match="mode must be one of"):
         layernorm_to_rmsnorm(model, mode="exactly")
+
+
+class ExportOnlyGPT(TinyGPT):
+    """torch.fx cannot trace ``int(idx.shape[1])``: the analysis runs on the torch.export (ATen) graph instead."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        if not tied:
+            self.lm_head.weight = nn.Parameter(self.tok.weight.detach().clone() + 0.1)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(int(idx.shape[1]), device=idx.device)
+        x = self.tok(idx) + self.pos(pos)
+        return self.lm_head(self.ln_f(self.blocks(x)))
+
+
+def test_export_graph_exact_and_tied_weights_refused_there() -> None:
+    torch.manual_seed(0)
+    idx = tokens()
+    model = randomize_layernorms_and_heads(ExportOnlyGPT(tied=False)).eval()
+    r = layernorm_to_rmsnorm(model, mode="exact", example_inputs=idx)
+    assert r.metrics["graph_source"] == "export"
+    assert not r.skipped and set(conversions(r).values()) == {"exact"} and len(conversions(r)) == 5
+    assert_outputs_close(run_eval(r.module, (idx,)), run_eval(model, (idx,)), TOL, what="export-traced GPT exact")
+
+    tied = randomize_layernorms_and_heads(ExportOnlyGPT(tied=True)).eval()
+    r = layernorm_to_rmsnorm(tied, mode="exact", example_inputs=idx)
+    assert r.metrics["graph_source"] == "export" and len(r.skipped) == 5
+    assert all("tied" in s.reason for s in r.skipped)
+    assert_outputs_close(run_eval(r.module, (idx,)), run_eval(tied, (idx,)), TOL, what="export-traced tied GPT")
