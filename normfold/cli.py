@@ -23,7 +23,10 @@ COMMANDS: dict[str, str] = {
     "demo": "normfold.commands.demo:DemoCommand",
     "inspect": "normfold.commands.inspect:InspectCommand",
     "fold": "normfold.commands.fold:FoldCommand",
+    "convert": "normfold.commands.convert:ConvertCommand",
     "recalibrate": "normfold.commands.recalibrate:RecalibrateCommand",
+    "export": "normfold.commands.export:ExportCommand",
+    "check": "normfold.commands.check:CheckCommand",
 }
 
 
