@@ -15,7 +15,6 @@ columns of one run, not runs on different machines.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from typing import Callable
@@ -59,6 +58,7 @@ def interleaved(fns: dict[str, Callable[[], object]], iters: int, rounds: int = 
     for _ in range(rounds):
         for k, fn in fns.items():
             per[k].append(median_ms(fn, max(1, iters // rounds), warmup=warmup))
+    # the median of per-round medians: robust to another process taking the cores for a while
     return {k: statistics.median(v) for k, v in per.items()}
 
 
@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--iters", type=int, default=15, help="timed forwards per model (split over 3 rounds)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (the median over rounds is shown)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -87,7 +88,7 @@ def main() -> None:
     for b in args.batch:
         x = x1.expand(b, -1, -1, -1).contiguous()
         t = interleaved({"orig": lambda: original(x), "exact": lambda: exact.module(x),
-                         "approx": lambda: approx.module(x)}, args.iters)  # noqa: B023
+                         "approx": lambda: approx.module(x)}, args.iters, rounds=args.rounds)  # noqa: B023
         with torch.inference_mode():
             ref = original(x)
             e_exact = (exact.module(x) - ref).abs().max().item()
@@ -104,7 +105,7 @@ def main() -> None:
     for b in args.batch:
         a = torch.randn(b, 197, 768)
         t = interleaved({"ln": lambda: ln(a), "rms": lambda: rms(a), "rmsb": lambda: rmsb(a)},  # noqa: B023
-                        args.iters * 20, warmup=5)
+                        args.iters * 20, rounds=args.rounds, warmup=5)
         print(f"| {b} | {t['ln'] * 1e3:.0f} | {t['rms'] * 1e3:.0f} | {t['rmsb'] * 1e3:.0f} | {t['ln'] / t['rms']:.2f}x |")
 
 

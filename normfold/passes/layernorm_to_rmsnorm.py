@@ -59,13 +59,11 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
 from normfold.errors import UsageError
@@ -73,7 +71,7 @@ from normfold.graph import GNode, ModelGraph, build_graph, describe_node, eval_m
 from normfold.norms import set_submodule
 from normfold.passes.base import Change, Pass, PassResult, Skip
 from normfold.passes.fold_batchnorm import producer_problem
-from normfold.tolerances import MEAN_FREE_RATIO, for_dtype
+from normfold.tolerances import LAYERNORM_TO_RMSNORM, MEAN_FREE_RATIO, for_dtype
 
 __all__ = ["LayerNormToRMSNorm", "layernorm_to_rmsnorm", "RMSNormWithBias", "MODES"]
 
@@ -125,8 +123,16 @@ _SELECT_OPS = {"getitem", "select", "slice", "narrow"}
 _DROPOUT_MODULES = (nn.modules.dropout._DropoutNd, nn.Identity)
 
 
+#: LayerNorm subclasses whose forward is F.layer_norm over the trailing normalized_shape, by (module, qualname)
+_KNOWN_LAYERNORM_FORWARDS = {("timm.layers.norm", "LayerNorm.forward")}
+
+
 def _is_standard_layernorm(m: nn.Module) -> bool:
-    return isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward
+    if not isinstance(m, nn.LayerNorm):
+        return False
+    fwd = type(m).forward
+    return fwd is nn.LayerNorm.forward or (getattr(fwd, "__module__", ""), getattr(fwd, "__qualname__", "")) \
+        in _KNOWN_LAYERNORM_FORWARDS
 
 
 def _norm_rank(m: nn.LayerNorm) -> int:
@@ -889,6 +895,11 @@ class LayerNormToRMSNorm(Pass):
             if len(users) != 1:
                 return None
             u = users[0]
+            if u.op == "module" and (isinstance(graph.modules[u.target], nn.Identity) or (
+                    isinstance(graph.modules[u.target], nn.modules.dropout._DropoutNd) and graph.modules[u.target].p == 0)):
+                # identities on values in training too (dropout with p > 0 would scale the shift by its mask)
+                node = u
+                continue
             if u.op == "module" and isinstance(graph.modules[u.target], nn.MultiheadAttention):
                 return u.target if self._mha_takes_shift(graph, u, node, slots) else None
             if u.op == "module":
@@ -972,10 +983,18 @@ class LayerNormToRMSNorm(Pass):
         for path in bad:
             log.warning("%s: converted as exact but its input has |mean|/rms = %.3g on the example inputs (limit %g); "
                         "the swap may not be exact", path, layers[path]["input_mean_over_rms"], limit)
-        if self.mode == "exact" and not bad:
-            tol = for_dtype(dtype)
-            log.info("layernorm_to_rmsnorm exact: output max abs error %.3g (rel %.3g; %s tolerance atol=%g rtol=%g)",
-                     out_abs, out_rel, dtype, tol.atol, tol.rtol)
+        # With every swap exact, the whole model must match the original within rounding.
+        if converted and all(p.conversion == "exact" for p in converted):
+            tol = LAYERNORM_TO_RMSNORM.get(dtype, for_dtype(dtype))
+            scale = max((y.double().abs().max().item() for y in _flatten(reference.output)
+                         if y.is_floating_point() and y.numel()), default=0.0)
+            within = out_abs <= tol.atol + tol.rtol * scale
+            result.metrics["output_within_tolerance"] = within
+            if not within:
+                log.warning("layernorm_to_rmsnorm: every swap is exact but the output changed by %.3g (tolerance "
+                            "%g + %g * %.3g)", out_abs, tol.atol, tol.rtol, scale)
+        else:
+            result.metrics["output_within_tolerance"] = None
 
 
 @dataclass

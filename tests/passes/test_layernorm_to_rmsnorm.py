@@ -174,7 +174,7 @@ def test_small_vit_is_converted_exactly(mode: str) -> None:
     assert folded["encoder.layers.encoder_layer_0.ln_1"] == "encoder.layers.encoder_layer_0.self_attention"
     centred = {path for c in r.changes if c.action == "centre" for path in c.paths}
     assert {"conv_proj.weight", "conv_proj.bias", "encoder.pos_embedding", "class_token"} <= centred
-    assert r.metrics["exact_verified"] is True
+    assert r.metrics["exact_verified"] is True and r.metrics["output_within_tolerance"] is True
     assert r.metrics["output_max_abs_error"] == pytest.approx(output_error(run_eval(out, (x,)), before)[0])
     for v in r.metrics["layers"].values():
         assert v["input_mean_over_rms"] < MEAN_FREE_RATIO[torch.float32]
@@ -348,3 +348,32 @@ def test_export_graph_exact_and_tied_weights_refused_there() -> None:
     assert r.metrics["graph_source"] == "export" and len(r.skipped) == 5
     assert all("tied" in s.reason for s in r.skipped)
     assert_outputs_close(run_eval(r.module, (idx,)), run_eval(tied, (idx,)), TOL, what="export-traced tied GPT")
+
+
+class CrossAttention(nn.Module):
+    """The LayerNorm output is only the query of a MultiheadAttention: its shift cannot go into in_proj_bias."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.inp, self.mem = nn.Linear(8, d), nn.Linear(8, d)
+        self.ln, self.ln_f = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        m = self.mem(memory)
+        h = h + self.attn(self.ln(h), m, m, need_weights=False)[0]
+        return self.out(self.ln_f(h))
+
+
+def test_cross_attention_keeps_the_shift_in_the_norm() -> None:
+    torch.manual_seed(0)
+    model = randomize_layernorms_and_heads(CrossAttention()).eval()
+    inputs = (torch.randn(2, 5, 8), torch.randn(2, 7, 8))
+    r = layernorm_to_rmsnorm(model, mode="exact", example_inputs=inputs)
+    assert conversions(r) == {"ln": "exact", "ln_f": "exact"}
+    assert isinstance(r.module.ln, RMSNormWithBias) and type(r.module.ln_f) is nn.RMSNorm
+    assert {p for c in r.changes if c.action == "centre" for p in c.paths} == {
+        "inp.weight", "inp.bias", "attn.out_proj.weight", "attn.out_proj.bias"}  # not mem: it is no stream
+    assert_outputs_close(run_eval(r.module, inputs), run_eval(model, inputs), TOL, what="cross-attention exact")
