@@ -39,7 +39,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.fx
 
-__all__ = ["Rule", "Consumer", "Producer", "Constraint", "Dialect", "ForwardPlan", "BackwardPlan",
+__all__ = ["Rule", "Consumer", "Producer", "Constraint", "Dialect", "ForwardPlan", "BackwardPlan", "BackwardPart",
            "walk_forward", "walk_backward", "check_constraints", "channel_index", "forward_fold_tensors",
            "backward_fold_tensors", "zero_shift_reason", "NotConcrete"]
 
@@ -152,12 +152,24 @@ class ForwardPlan:
 
 
 @dataclass
-class BackwardPlan:
+class BackwardPart:
+    """One producer of a backward fold: BatchNorm channel ``channels[i]`` is its output feature ``features[i]``."""
+
     producer: Producer
     node: torch.fx.Node
-    feature_of_channel: torch.Tensor  # long, len = BN channels: producer output feature of each BN channel
+    channels: torch.Tensor  # long
+    features: torch.Tensor  # long
+
+
+@dataclass
+class BackwardPlan:
+    parts: list[BackwardPart]
     constraints: list[Constraint]
     ops: list[str] = field(default_factory=list)
+
+    @property
+    def producer(self) -> Producer:
+        return self.parts[0].producer
 
 
 def channel_index(shape: Sequence[int], axis: int) -> torch.Tensor:
@@ -282,14 +294,19 @@ def walk_forward(d: Dialect, start: torch.fx.Node, index: torch.Tensor) -> Forwa
 
 
 def walk_backward(d: Dialect, bn_node: torch.fx.Node, bn_input: torch.fx.Node, num_channels: int) -> BackwardPlan | str:
-    """Follow the BatchNorm input up through ops that carry an affine to a Conv/Linear producer.
+    """Follow the BatchNorm input up through ops that carry an affine to the Conv/Linear producer(s).
 
     Every tensor on the way must be read by the next op only (else changing
-    the producer changes another reader too).
+    the producer changes another reader too). A concatenation along the
+    channel axis (``cat``, when the dialect reports it) splits the BatchNorm
+    between the producers of its inputs.
     """
-    chain: list[tuple[torch.fx.Node, torch.fx.Node]] = []  # (op node, its value input), BN side first
-    node, reader = bn_input, bn_node
-    while True:
+    producers: list[tuple[Producer, torch.fx.Node, int]] = []
+    constraints: list[Constraint] = []
+    ops: list[str] = []
+    concat = getattr(d, "concat", None)
+
+    def up(node: torch.fx.Node, reader: torch.fx.Node, depth: int) -> Any:
         users = d.value_users(node)
         if len(users) != 1 or users[0] is not reader:
             others = [d.describe(u) for u in users if u is not reader]
@@ -298,57 +315,98 @@ def walk_backward(d: Dialect, bn_node: torch.fx.Node, bn_input: torch.fx.Node, n
         if isinstance(p, str):
             return p
         if isinstance(p, Producer):
-            break
+            shape = d.shape(node)
+            if shape is None:
+                return f"the output shape of {p.label} is unknown (pass example_inputs)"
+            offset = sum(q.out_channels for q, _, _ in producers)
+            producers.append((p, node, offset))
+            return channel_index(shape, p.channel_axis) + offset
+        cat = concat(node) if concat is not None else None
+        if cat is not None:
+            inputs, dim = cat
+            if len(set(inputs)) != len(inputs):
+                return f"{d.describe(node)} concatenates the same tensor twice"
+            parts = []
+            for i in inputs:
+                r = up(i, node, depth + 1)
+                if isinstance(r, str):
+                    return r
+                parts.append(r)
+            try:
+                out = torch.cat(parts, dim)
+            except RuntimeError:
+                return f"could not follow the channels through {d.describe(node)}"
+            ops.append(d.describe(node))
+            return out
         src = d.value_input(node)
         if src is None:
             return f"its input is {d.describe(node)}, not a Conv, ConvTranspose or Linear"
         r = d.classify(node, src)
         if isinstance(r, Consumer) or r.kind in ("block", "output"):
-            if chain or isinstance(r, Consumer):
-                return f"{d.describe(node)} between the producer and the BatchNorm does not carry the affine" + (
-                    f" ({r.reason})" if not isinstance(r, Consumer) and r.reason else "")
-            return r.reason or f"its input is {d.describe(node)}, not a Conv, ConvTranspose or Linear"
-        chain.append((node, src))
-        node, reader = src, node
-    shape = d.shape(node)
-    if shape is None:
-        return f"the output shape of {p.label} is unknown (pass example_inputs)"
-    idx: Any = channel_index(shape, p.channel_axis)
-    constraints: list[Constraint] = []
-    ops: list[str] = []
-    for op_node, src in reversed(chain):
-        r = d.classify(op_node, src)
+            if depth == 0:
+                return (r.reason.replace("reads it", "feeds it") if not isinstance(r, Consumer) and r.reason
+                        else f"its input is {d.describe(node)}, not a Conv, ConvTranspose or Linear")
+            why = f" ({r.reason})" if not isinstance(r, Consumer) and r.reason else ""
+            return f"{d.describe(node)} between the producer and the BatchNorm does not carry the affine{why}"
+        idx = up(src, node, depth + 1)
+        if isinstance(idx, str):
+            return idx
         nxt = _apply_rule(r, idx)
         if isinstance(nxt, str):
             return nxt
         if r.kind == "pool":
             constraints.extend(_pool_constraints(r, idx))
         ops.append(r.label)
-        idx = nxt
+        return nxt
+
+    idx = up(bn_input, bn_node, 0)
+    if isinstance(idx, str):
+        return idx
     if not isinstance(idx, torch.Tensor) or idx.dim() < 2:
         return "the BatchNorm input is not a batched tensor"
+    labels = ", ".join(p.label for p, _, _ in producers)
     fmap = _map_along(idx, 1)
     if fmap is None:
-        return (f"the output features of {p.label} do not line up with the BatchNorm channels "
+        return (f"the output features of {labels} do not line up with the BatchNorm channels "
                 f"(after {', '.join(ops) or 'no op'}, a BatchNorm channel holds several features)")
     fmap = fmap.long()
     if fmap.numel() != num_channels:
         return f"channel mismatch: the BatchNorm has {num_channels} channels, its input {fmap.numel()}"
-    if torch.unique(fmap).numel() != fmap.numel():
-        return f"an output feature of {p.label} lands in several BatchNorm channels"
+    if (fmap < 0).any() or torch.unique(fmap).numel() != fmap.numel():
+        return f"an output feature of {labels} lands in several BatchNorm channels"
+    total = sum(p.out_channels for p, _, _ in producers)
     # Constraints were collected in producer-feature space; move them to BN channels.
-    inv = torch.full((p.out_channels,), -1, dtype=torch.long)
+    inv = torch.full((total,), -1, dtype=torch.long)
     inv[fmap] = torch.arange(fmap.numel())
     for c in constraints:
         mapped = inv[c.channels]
         c.channels = mapped[mapped >= 0]
-    return BackwardPlan(p, node, fmap, constraints, ops)
+    parts = []
+    for p, node, off in producers:
+        sel = (fmap >= off) & (fmap < off + p.out_channels)
+        parts.append(BackwardPart(p, node, torch.nonzero(sel).flatten(), fmap[sel] - off))
+    return BackwardPlan(parts, constraints, ops)
 
 
-def zero_shift_reason(label: str, why: str, affine: Any, channels: torch.Tensor) -> str | None:
+def zero_shifts(affine: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Which channels have ``t = beta - mean * s == 0`` (up to the rounding of the BatchNorm's parameters).
+
+    ``dtype`` is the BatchNorm's own dtype: a ``beta`` stored as ``mean * s``
+    leaves ``t`` at that dtype's rounding level (:data:`normfold.tolerances.ZERO_SHIFT_ULPS`).
+    """
+    from normfold.tolerances import ZERO_SHIFT_ULPS
+
+    t = affine.shift
+    if dtype is None or not dtype.is_floating_point:
+        return t == 0
+    scale = affine.bias.abs() + (affine.mean * affine.scale).abs()
+    return t.abs() <= ZERO_SHIFT_ULPS * torch.finfo(dtype).eps * scale
+
+
+def zero_shift_reason(label: str, why: str, affine: Any, channels: torch.Tensor,
+                      dtype: torch.dtype | None = None) -> str | None:
     """Why a zero-shift constraint fails, in terms of the border value ``v`` a user can look at."""
-    t = affine.shift[channels]
-    bad = channels[t != 0]
+    bad = channels[~zero_shifts(affine, dtype)[channels]]
     if bad.numel() == 0:
         return None
     zero_gamma = int((affine.weight[bad] == 0).sum())
@@ -357,8 +415,11 @@ def zero_shift_reason(label: str, why: str, affine: Any, channels: torch.Tensor)
             f"channels{extra} (folded, the padding would have to be v)")
 
 
-def check_constraints(constraints: list[Constraint], affine: Any) -> str | None:
-    """The first constraint the BatchNorm's affine violates, as a reason; None when all hold."""
+def check_constraints(constraints: list[Constraint], affine: Any, dtype: torch.dtype | None = None) -> str | None:
+    """The first constraint the BatchNorm's affine violates, as a reason; None when all hold.
+
+    ``dtype`` is the BatchNorm's parameter dtype (see :func:`zero_shifts`).
+    """
     for c in constraints:
         if c.channels.numel() == 0:
             continue
@@ -369,7 +430,7 @@ def check_constraints(constraints: list[Constraint], affine: Any) -> str | None:
                         f"needs s >= 0); gamma < 0 on {neg} of {c.channels.numel()} channels")
         elif c.kind == "zero_shift":
             why = c.why or "pads with zeros"
-            r = zero_shift_reason(c.label, why, affine, c.channels)
+            r = zero_shift_reason(c.label, why, affine, c.channels, dtype)
             if r is not None:
                 if c.consumer:
                     return "consumer " + r

@@ -68,3 +68,10 @@ MEAN_FREE_RATIO: dict[torch.dtype, float] = {
 def for_dtype(dtype: torch.dtype) -> Tolerance:
     """The exact-rewrite tolerance for a model running in ``dtype``."""
     return FOLD.get(dtype, FOLD[torch.float32])
+
+
+#: forward folding into a layer that pads with zeros needs every BatchNorm shift t = beta - mean * s to be 0;
+#: t counts as 0 within this many units in the last place of the BatchNorm's dtype, relative to
+#: |beta| + |mean * s| (beta set to mean * s in float32 leaves t at rounding level, and the fold then changes
+#: the border outputs by that rounding only)
+ZERO_SHIFT_ULPS: float = 4.0

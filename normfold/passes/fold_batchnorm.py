@@ -418,8 +418,15 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False, example_inputs: A
     (:mod:`normfold.passes.fold_batchnorm_forward`); with
     ``weight_standardization`` (default), timm StdConv2d / ScaledStdConv2d are
     first baked into plain convs (:mod:`normfold.passes.weight_standardization`).
+    Given a ``torch.export.ExportedProgram``, folds it at the ATen level
+    (:mod:`normfold.passes.fold_exported`; the new program is ``result.program``).
     Returns a :class:`PassResult`; see the module docstring for the math.
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        from normfold.passes.fold_exported import fold_exported_program
+
+        return fold_exported_program(model, inplace=inplace, forward=forward,
+                                     weight_standardization=weight_standardization)
     if forward or weight_standardization:
         from normfold.passes.fold_batchnorm_forward import FoldBatchNormAll
 

@@ -296,7 +296,7 @@ class ModuleDialect:
 
     def _classify_module(self, node: torch.fx.Node, via: torch.fx.Node) -> Rule | Consumer:
         m = self.module(node)
-        label = f"{type(m).__name__} {node.target}"
+        label = f"{node.target} ({type(m).__name__})"
         if not self._only_value_arg(node, via):
             return self._block(node)
         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and is_leaf_type(m):
@@ -336,7 +336,7 @@ class ModuleDialect:
         if is_batchnorm(m):
             return Rule("block", label, reason=f"another BatchNorm ({label}) reads it")
         if type(m).__module__.startswith("torch.nn.modules.activation"):
-            return Rule("block", label, reason=f"an activation ({label}) reads it")
+            return Rule("block", label, reason=f"an activation ({type(m).__name__}, {node.target}) reads it")
         return self._block(node, label)
 
     def _consumer(self, node: torch.fx.Node, m: nn.Module) -> Rule | Consumer:
@@ -467,6 +467,19 @@ class ModuleDialect:
             return self._pool(node, via, label, k, keeps_shift=False, shift_why="pads with zeros")
         return self._pool(node, via, label, k)
 
+    def concat(self, node: torch.fx.Node) -> tuple[list[torch.fx.Node], int] | None:
+        """(inputs, dim) of a ``torch.cat`` of traced tensors, else None."""
+        if node.op != "call_function" or node.target not in (torch.cat, getattr(torch, "concat", torch.cat),
+                                                              getattr(torch, "concatenate", torch.cat)):
+            return None
+        a = bind_args(node, ("tensors", "dim"), {"dim": 0})
+        tensors, dim = a.get("tensors"), a.get("dim", a.get("axis", 0))
+        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.fx.Node) for t in tensors):
+            return None
+        if not isinstance(dim, int):
+            return None
+        return list(tensors), dim
+
     # -- producers ----------------------------------------------------------------------------------
     def producer(self, node: torch.fx.Node) -> Producer | str | None:
         if node.op != "call_module":
@@ -495,6 +508,24 @@ class ModuleDialect:
         axis = (len(out_shape) - k - 1) if out_shape is not None else 1
         kind = "conv_transpose" if isinstance(m, nn.modules.conv._ConvTransposeNd) else "conv"
         return Producer(kind, label, axis, m.out_channels, path)
+
+
+def _bn_dtype(bn: nn.Module) -> torch.dtype | None:
+    for name in ("weight", "bias", "running_mean"):
+        t = getattr(bn, name, None)
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def _restore(saved: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]]) -> None:
+    with torch.no_grad():
+        for m, w, b in saved:
+            m.weight.copy_(w)
+            if b is None:
+                m.bias = None
+            else:
+                m.bias.copy_(b)
 
 
 def _flat_nodes(value: Any) -> list[torch.fx.Node]:
@@ -540,11 +571,13 @@ class FoldBatchNormForward(Pass):
     name = "fold_batchnorm"
 
     def __init__(self, *, example_inputs: Any = None, backward: bool = True, forward: bool = True,
-                 prior_reasons: dict[str, str] | None = None) -> None:
+                 prior_reasons: dict[str, str] | None = None, fx_error: str | None = None) -> None:
         self.example_inputs = example_inputs
         self.backward = backward
         self.forward = forward
         self.prior_reasons = dict(prior_reasons or {})
+        #: set when the caller already knows torch.fx cannot trace the model (saves a second torch.export)
+        self.fx_error = fx_error
         #: BatchNorm paths this pass folded or re-skipped (their prior skip records are superseded)
         self.handled: set[str] = set()
 
@@ -552,22 +585,21 @@ class FoldBatchNormForward(Pass):
         result = PassResult(module=module)
         self.handled = set()
         inputs = self.example_inputs
-        try:
-            graph = build_graph(module, inputs, shapes=False)
-        except TraceError:
-            if inputs is not None:
-                raise
-            inputs = _maybe_infer_inputs(module)
-            if inputs is None:
-                raise
-            graph = build_graph(module, inputs, shapes=False)
-        if graph.source != "fx" or graph.graph_module is None:
-            why = (f"folding through reshapes and forward folding need a torch.fx trace (torch.fx failed: "
-                   f"{graph.fx_error})")
-            for path, m in module.named_modules():
-                if is_batchnorm(m) and path in graph.calls and path in self.prior_reasons:
+        graph = None
+        fx_error = self.fx_error
+        if fx_error is None:
+            try:
+                graph = build_graph(module, inputs, shapes=False, allow_export=False)
+            except TraceError as exc:
+                fx_error = str(exc)
+        if graph is None:
+            why = (f"folding through reshapes and forward folding need a torch.fx trace ({fx_error})")
+            mods = dict(module.named_modules())
+            for path in self.prior_reasons:
+                if path in mods and is_batchnorm(mods[path]) and not isinstance(batchnorm_affine(mods[path]), str):
                     result.skipped.append(Skip(self.name, (path,), f"{self.prior_reasons[path]}; {why}"))
                     self.handled.add(path)
+            result.metrics["graph_source"] = "export"
             return result
         candidates = []
         seen: set[str] = set()
@@ -631,7 +663,7 @@ class FoldBatchNormForward(Pass):
             if node.target in self.prior_reasons:
                 # a direct producer: the direct backward fold has decided, and said why not
                 return _Attempt(False, None)
-        else:
+        elif d.concat(src) is None:
             inner = d.value_input(src)
             first = d.classify(src, inner) if inner is not None else None
             if not isinstance(first, Rule) or first.kind not in ("move", "pool"):
@@ -643,24 +675,31 @@ class FoldBatchNormForward(Pass):
         plan = walk_backward(d, node, src, affine.num_features)
         if isinstance(plan, str):
             return _Attempt(False, plan)
-        why = check_constraints(plan.constraints, affine)
+        why = check_constraints(plan.constraints, affine, _bn_dtype(bn))
         if why is not None:
             return _Attempt(False, why)
-        producer_path = plan.producer.ref
-        producer = d.root.get_submodule(producer_path)
-        n_out = plan.producer.out_channels
-        scale = torch.ones(n_out, dtype=torch.float64)
-        shift = torch.zeros(n_out, dtype=torch.float64)
-        scale[plan.feature_of_channel] = affine.scale.cpu()
-        shift[plan.feature_of_channel] = affine.shift.cpu()
-        refused = fold_into_output_channels(producer, scale, shift)
-        if refused is not None:
-            return _Attempt(False, f"{refused} ({producer_path})")
+        # fold into every producer, or into none: remember what to put back if one refuses
+        saved = []
+        for part in plan.parts:
+            m = d.root.get_submodule(part.producer.ref)
+            saved.append((m, m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone()))
+        for part in plan.parts:
+            producer = d.root.get_submodule(part.producer.ref)
+            n_out = part.producer.out_channels
+            scale = torch.ones(n_out, dtype=torch.float64)
+            shift = torch.zeros(n_out, dtype=torch.float64)
+            scale[part.features] = affine.scale.cpu()[part.channels]
+            shift[part.features] = affine.shift.cpu()[part.channels]
+            refused = fold_into_output_channels(producer, scale, shift)
+            if refused is not None:
+                _restore(saved)
+                return _Attempt(False, f"{refused} ({part.producer.ref})")
         self._remove_bn(d, node.target, bn)
         through = f" through {', '.join(plan.ops)}" if plan.ops else ""
-        result.changes.append(Change(self.name, "fold", (node.target, producer_path),
-                                     f"folded {node.target} ({type(bn).__name__}) into {producer_path} "
-                                     f"({type(producer).__name__}){through}",
+        paths = [part.producer.ref for part in plan.parts]
+        names = ", ".join(f"{p} ({type(d.root.get_submodule(p)).__name__})" for p in paths)
+        result.changes.append(Change(self.name, "fold", (node.target, *paths),
+                                     f"folded {node.target} ({type(bn).__name__}) into {names}{through}",
                                      {"channels": affine.num_features, "through": list(plan.ops)}))
         return _Attempt(True)
 
@@ -685,7 +724,7 @@ class FoldBatchNormForward(Pass):
                 constraints.append(Constraint("zero_shift", torch.unique(h.channel_of_input), h.consumer.label,
                                               "spreads a constant unevenly over its output (transposed conv)",
                                               consumer=True))
-        why = check_constraints(constraints, affine)
+        why = check_constraints(constraints, affine, _bn_dtype(bn))
         if why is not None:
             return _Attempt(False, why)
         # compute every consumer's new weights first: refuse all or fold all
@@ -773,7 +812,10 @@ class FoldBatchNormAll(Pass):
             result.module = module
             return result
         prior = {s.paths[0]: s.reason for s in r1.skipped if s.paths}
-        step = FoldBatchNormForward(example_inputs=self.example_inputs, prior_reasons=prior)
+        fx_error = None
+        if r1.metrics.get("graph_source") == "export":
+            fx_error = "torch.fx could not trace the model; the direct fold used torch.export"
+        step = FoldBatchNormForward(example_inputs=self.example_inputs, prior_reasons=prior, fx_error=fx_error)
         r2 = step.call(module)
         result.changes.extend(r2.changes)
         result.skipped.extend(s for s in r1.skipped if not (s.paths and s.paths[0] in step.handled))

@@ -62,8 +62,11 @@ _MOVE = {"view", "_unsafe_view", "reshape", "flatten", "unflatten", "permute", "
          "split_with_sizes", "chunk", "unbind", "flip", "roll", "pixel_shuffle", "pixel_unshuffle",
          "channel_shuffle", "native_channel_shuffle", "movedim", "narrow", "repeat", "lift_fresh_copy",
          "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact1d",
-         "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "tensor_split", "swapaxes", "numpy_T"}
+         "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "tensor_split", "swapaxes", "numpy_T",
+         "reshape_as", "view_as", "expand_as"}
 _META = {"sym_size", "sym_stride", "sym_numel", "sym_storage_offset"}
+#: ops whose second argument only lends its shape (or dtype)
+_SHAPE_FROM_ARG1 = {"reshape_as", "view_as", "expand_as", "type_as"}
 _MAX_POOL = {"max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3}
 _MAX_POOL_TUPLE = {"max_pool2d_with_indices": 2, "max_pool3d_with_indices": 3, "adaptive_max_pool1d": 1,
                    "adaptive_max_pool2d": 2, "adaptive_max_pool3d": 3}
@@ -291,7 +294,8 @@ class AtenDialect:
         raise NotConcrete(f"a shape argument is computed by {self.describe(node)}")
 
     def value_users(self, node: torch.fx.Node) -> list[torch.fx.Node]:
-        return [u for u in node.users if not (u.op == "call_function" and _packet(u) in _META)]
+        return [u for u in node.users if not (u.op == "call_function" and (
+            _packet(u) in _META or (_packet(u) in _SHAPE_FROM_ARG1 and u.args and u.args[0] is not node)))]
 
     def value_input(self, node: torch.fx.Node) -> torch.fx.Node | None:
         if node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node):
@@ -386,6 +390,16 @@ class AtenDialect:
         w = self.prog.tensor(layer.weight)
         return w.t() if layer.transposed else w
 
+    def concat(self, node: torch.fx.Node) -> tuple[list[torch.fx.Node], int] | None:
+        """(inputs, dim) of an ``aten.cat``, else None."""
+        if node.op != "call_function" or _packet(node) not in ("cat", "concat", "concatenate"):
+            return None
+        a = bind_args(node, ("tensors", "dim"), {"dim": 0})
+        tensors, dim = a.get("tensors"), a.get("dim")
+        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, torch.fx.Node) for t in tensors):
+            return None
+        return list(tensors), int(dim)
+
     # -- channel_flow interface -------------------------------------------------------------------------
     def producer(self, node: torch.fx.Node) -> Producer | str | None:
         lay = self.layer(node)
@@ -420,7 +434,7 @@ class AtenDialect:
         return Consumer(lay.kind, lay.label, axis, in_c, lay.zero_pad, lay)
 
     def _move(self, node: torch.fx.Node, via: torch.fx.Node, label: str) -> Rule:
-        for other in _flat_nodes((node.args, node.kwargs)):
+        for other in ([] if _packet(node) in _SHAPE_FROM_ARG1 else _flat_nodes((node.args, node.kwargs))):
             if other is not via and isinstance(other.meta.get("val"), torch.Tensor):
                 return Rule("block", label, reason=f"{label} reads the BatchNorm output together with the tensor {other.name}")
 
@@ -664,15 +678,16 @@ class FoldExportedProgram(Pass):
         affine = self._affine(prog, bn)
         back = walk_backward(d, bn.node, bn.input, affine.num_features)
         if not isinstance(back, str):
-            why = check_constraints(back.constraints, affine)
+            why = check_constraints(back.constraints, affine, prog.tensor(bn.params[2]).dtype)
             if why is None:
                 refused = self._fold_backward(prog, d, back, affine)
                 if refused is None:
                     self._remove(prog, bn)
-                    lay: _Layer = back.producer.ref
+                    lays: list[_Layer] = [part.producer.ref for part in back.parts]
                     through = f" through {', '.join(back.ops)}" if back.ops else ""
-                    result.changes.append(Change(self.name, "fold", (bn.path, lay.path),
-                                                 f"folded {bn.path} (batch_norm) into {lay.label}{through}",
+                    result.changes.append(Change(self.name, "fold", (bn.path, *(x.path for x in lays)),
+                                                 f"folded {bn.path} (batch_norm) into "
+                                                 f"{', '.join(x.label for x in lays)}{through}",
                                                  {"channels": affine.num_features, "through": list(back.ops)}))
                     return
                 why = refused
@@ -693,17 +708,25 @@ class FoldExportedProgram(Pass):
                                      {"channels": affine.num_features, "through": list(ops)}))
 
     def _fold_backward(self, prog: _Program, d: AtenDialect, plan: Any, affine: BatchNormAffine) -> str | None:
-        lay: _Layer = plan.producer.ref
-        n_out = plan.producer.out_channels
-        scale = torch.ones(n_out, dtype=torch.float64)
-        shift = torch.zeros(n_out, dtype=torch.float64)
-        scale[plan.feature_of_channel] = affine.scale.cpu()
-        shift[plan.feature_of_channel] = affine.shift.cpu()
-        w = d.canonical_weight(lay)
-        b = prog.tensor(lay.bias) if lay.bias is not None else None
-        new_w, new_b = backward_fold_tensors(lay.kind, w.detach(), b.detach() if b is not None else None, lay.groups,
-                                             scale, shift)
-        return self._write(prog, lay, w, new_w, new_b)
+        edits = []
+        for part in plan.parts:
+            lay: _Layer = part.producer.ref
+            n_out = part.producer.out_channels
+            scale = torch.ones(n_out, dtype=torch.float64)
+            shift = torch.zeros(n_out, dtype=torch.float64)
+            scale[part.features] = affine.scale.cpu()[part.channels]
+            shift[part.features] = affine.shift.cpu()[part.channels]
+            w = d.canonical_weight(lay)
+            b = prog.tensor(lay.bias) if lay.bias is not None else None
+            new_w, new_b = backward_fold_tensors(lay.kind, w.detach(), b.detach() if b is not None else None,
+                                                 lay.groups, scale, shift)
+            bad = self._check_cast(w, new_w, new_b)
+            if bad is not None:
+                return f"{bad} ({lay.label})"
+            edits.append((lay, w, new_w, new_b))
+        for lay, w, new_w, new_b in edits:
+            self._write(prog, lay, w, new_w, new_b)
+        return None
 
     def _try_forward(self, prog: _Program, d: AtenDialect, bn: _BN, affine: BatchNormAffine) -> tuple | str:
         shape = d.shape(bn.value)
@@ -718,7 +741,7 @@ class FoldExportedProgram(Pass):
                 constraints.append(Constraint("zero_shift", torch.unique(h.channel_of_input), h.consumer.label,
                                               "spreads a constant unevenly over its output (transposed conv)",
                                               consumer=True))
-        why = check_constraints(constraints, affine)
+        why = check_constraints(constraints, affine, prog.tensor(bn.params[2]).dtype)
         if why is not None:
             return why
         edits = []
