@@ -133,6 +133,11 @@ def input_ranks(model: nn.Module, example_inputs: Any = None) -> RankInfo:
         return RankInfo(unavailable=f"the tensor ranks are unknown ({why})")
     try:
         graph = build_graph(model, inputs)
+    except InputError:
+        if example_inputs is not None:
+            raise  # the caller's own inputs do not fit: say so rather than guess the ranks
+        return RankInfo(unavailable="the tensor ranks are unknown (the inferred input shape does not fit; "
+                                    "pass example_inputs)")
     except NormfoldError as exc:
         return RankInfo(unavailable=f"the tensor ranks are unknown ({exc})")
     info = RankInfo()
