@@ -146,3 +146,21 @@ def test_hifigan_style_generator_weight_norm_everywhere() -> None:
     r = nf.fold_weight_norm(model)
     assert len(r.changes) == 10
     assert torch.equal(run_eval(r.module, (x,)), run_eval(model, (x,)))
+
+
+@pytest.mark.zoo
+def test_transformers_wav2vec2_positional_conv() -> None:
+    """Hugging Face's Wav2Vec2 keeps weight_norm (dim=2) on its positional conv embedding: bake it."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    torch.manual_seed(2)
+    cfg = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                         num_conv_pos_embedding_groups=4)
+    model = Wav2Vec2Model(cfg).eval()
+    x = torch.randn(2, 800)
+    r = nf.fold_weight_norm(model)
+    assert [c.paths[0] for c in r.changes] == ["encoder.pos_conv_embed.conv"]
+    assert not parametrize.is_parametrized(r.module.encoder.pos_conv_embed.conv)
+    ref = run_eval(model, (x,)).last_hidden_state
+    assert torch.equal(run_eval(r.module, (x,)).last_hidden_state, ref)
