@@ -29,7 +29,7 @@ from normfold.graph import build_graph
 from normfold.norms import STANDARD_BN_FORWARDS, _is_norm_act
 
 __all__ = ["RankInfo", "input_ranks", "transplant", "bn_forward_problem", "iter_batches", "module_internals",
-           "maybe_example_inputs", "bn_channels"]
+           "maybe_example_inputs", "bn_channels", "alias_map", "replace_module"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,30 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__.keys())
 def module_internals() -> frozenset[str]:
     """The ``__dict__`` keys nn.Module.__init__ creates (hooks, parameter/buffer/module dicts, training)."""
     return _MODULE_INTERNALS
+
+
+def alias_map(root: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every path it is registered at (one module object can sit at several paths)."""
+    out: dict[int, list[str]] = {}
+    for path, m in root.named_modules(remove_duplicate=False):
+        out.setdefault(id(m), []).append(path)
+    return out
+
+
+def replace_module(root: nn.Module, old: nn.Module, new: nn.Module, aliases: dict[int, list[str]] | None = None
+                   ) -> list[str]:
+    """Put ``new`` at every path where ``old`` is registered; returns those paths.
+
+    named_modules() lists a shared module once: replacing it at that path
+    alone would leave the other registrations (and the calls through them)
+    on the old layer, a silent half conversion.
+    """
+    from normfold.norms import set_submodule
+
+    paths = (aliases or alias_map(root)).get(id(old), [])
+    for path in paths:
+        set_submodule(root, path, new)
+    return paths
 
 
 def bn_channels(m: nn.Module) -> int:

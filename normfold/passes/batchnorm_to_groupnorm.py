@@ -66,8 +66,9 @@ from torch import nn
 
 from normfold.errors import InputError, UsageError
 from normfold.graph import eval_mode, is_frozen_batchnorm
-from normfold.norms import BatchNormAffine, _is_norm_act, batchnorm_affine, is_batchnorm, set_submodule
-from normfold.passes._batchnorm_common import RankInfo, bn_channels, bn_forward_problem, input_ranks, iter_batches
+from normfold.norms import BatchNormAffine, _is_norm_act, batchnorm_affine, is_batchnorm
+from normfold.passes._batchnorm_common import (RankInfo, alias_map, bn_channels, bn_forward_problem, input_ranks,
+                                               iter_batches, replace_module)
 from normfold.passes.base import Change, Pass, PassResult, Skip
 
 __all__ = ["BatchNormToGroupNorm", "batchnorm_to_groupnorm", "default_num_groups"]
@@ -374,14 +375,15 @@ class BatchNormToGroupNorm(Pass):
         ordered = [by_bn[i] for i in order if i in by_bn]
         stats: dict[str, _Stats] = {}
         done: list[tuple[str, nn.Module, nn.Module]] = []  # (path, bn, fitted gn)
+        aliases = alias_map(module)
         try:
             for plan in ordered:
                 for args, kwargs in batches:
-                    for path, bn, _ in done:
-                        set_submodule(module, path, bn)
+                    for _, bn, _ in done:
+                        replace_module(module, bn, bn, aliases)
                     target = _capture(module, plan.bn, args, kwargs, calls.get(id(plan.bn)))
-                    for path, _, gn in done:
-                        set_submodule(module, path, gn)
+                    for _, bn, gn in done:
+                        replace_module(module, bn, gn, aliases)
                     seen = _capture(module, plan.bn, args, kwargs, calls.get(id(plan.bn)))
                     for x_in, x_t in zip(seen, target):
                         self._accumulate(stats, plan.path, x_in, x_t, plan.groups, affines[plan.path])
@@ -395,8 +397,8 @@ class BatchNormToGroupNorm(Pass):
                 done.append((plan.path, plan.bn, gn))
         finally:
             # leave the BatchNorms in place: _replace puts the final GroupNorms in
-            for path, bn, _ in done:
-                set_submodule(module, path, bn)
+            for _, bn, _ in done:
+                replace_module(module, bn, bn, aliases)
         return stats
 
     # -- edit ---------------------------------------------------------------------------------------
@@ -442,7 +444,7 @@ class BatchNormToGroupNorm(Pass):
         frozen = is_frozen_batchnorm(bn)
         warm = fit is not None and not isinstance(fit, str)
         gn = self._build(plan, fit)
-        set_submodule(module, plan.path, gn)
+        replace_module(module, bn, gn)
         how = "warm-started by least squares on the calibration data" if warm else "gamma/beta copied"
         if isinstance(fit, str):
             how += f" ({fit})"

@@ -42,8 +42,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfold.graph import eval_mode, is_frozen_batchnorm
-from normfold.norms import _is_norm_act, set_submodule
-from normfold.passes._batchnorm_common import bn_forward_problem, maybe_example_inputs, module_internals
+from normfold.norms import _is_norm_act
+from normfold.passes._batchnorm_common import (bn_forward_problem, maybe_example_inputs, module_internals,
+                                               replace_module)
 from normfold.passes.base import Change, Pass, PassResult, Skip
 
 __all__ = ["FrozenAffine", "FreezeBatchNorm", "UnfreezeBatchNorm", "freeze_batchnorm", "unfreeze_batchnorm"]
@@ -138,7 +139,7 @@ class FreezeBatchNorm(Pass):
             if isinstance(frozen, str):
                 result.skipped.append(Skip(self.name, (path,), frozen))
                 continue
-            set_submodule(module, path, frozen)
+            replace_module(module, bn, frozen)
             result.changes.append(Change(self.name, "freeze", (path,),
                                          f"froze {path} ({type(bn).__name__}, {bn.num_features} channels) into "
                                          "FrozenAffine", {"channels": bn.num_features}))
@@ -226,7 +227,7 @@ class UnfreezeBatchNorm(Pass):
                 new = self._from_affine(m, base)
                 how = ("its scale and shift only (no statistics were kept): mean 0, var 1, eps 0; re-estimate "
                        "the statistics before training it")
-            set_submodule(module, path, new)
+            replace_module(module, m, new)
             result.changes.append(Change(self.name, "unfreeze", (path,),
                                          f"unfroze {path} ({type(m).__name__}) into {type(new).__name__} ({how})",
                                          {"to": type(new).__name__}))

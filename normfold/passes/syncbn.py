@@ -34,8 +34,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfold.graph import is_frozen_batchnorm
-from normfold.norms import _is_norm_act, set_submodule
-from normfold.passes._batchnorm_common import RankInfo, bn_forward_problem, input_ranks, transplant
+from normfold.norms import _is_norm_act
+from normfold.passes._batchnorm_common import (RankInfo, bn_forward_problem, input_ranks, replace_module,
+                                               transplant)
 from normfold.passes.base import Change, Pass, PassResult, Skip
 
 __all__ = ["ToSyncBatchNorm", "FromSyncBatchNorm", "to_syncbn", "from_syncbn", "ORIGINAL_CLASS_ATTR"]
@@ -93,7 +94,7 @@ class ToSyncBatchNorm(Pass):
             new = transplant(m, target)
             new.process_group = self.process_group
             setattr(new, ORIGINAL_CLASS_ATTR, type(m))
-            set_submodule(module, path, new)
+            replace_module(module, m, new)
             result.changes.append(Change(self.name, "to_syncbn", (path,),
                                          f"converted {path} ({type(m).__name__}) to {target.__name__}",
                                          {"from": type(m).__name__, "to": target.__name__}))
@@ -133,7 +134,7 @@ class FromSyncBatchNorm(Pass):
                 target = target_or_reason
                 how = f"its {ranks.rank(path)}-D input in the graph"
             new = transplant(m, target, drop_attrs=("process_group", ORIGINAL_CLASS_ATTR))
-            set_submodule(module, path, new)
+            replace_module(module, m, new)
             result.changes.append(Change(self.name, "from_syncbn", (path,),
                                          f"converted {path} ({type(m).__name__}) to {target.__name__} (from {how})",
                                          {"from": type(m).__name__, "to": target.__name__}))

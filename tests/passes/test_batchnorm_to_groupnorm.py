@@ -143,6 +143,24 @@ def test_rank_unknown_falls_back_to_the_kind() -> None:
     assert groups["bn2"][0] == 8 and "BatchNorm2d kind" in groups["bn2"][1]
 
 
+def test_a_batchnorm_registered_twice_is_replaced_everywhere() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.norm = nn.BatchNorm2d(8)
+            self.alias = self.norm  # the same module under a second name, called through it
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.alias(self.conv(x))
+
+    for fn in (nf.batchnorm_to_groupnorm, nf.to_syncbn, nf.freeze_batchnorm):
+        out = fn(Shared().eval()).module
+        assert out.norm is out.alias and not isinstance(out.alias, nn.BatchNorm2d), fn.__name__
+    seq = nf.batchnorm_to_groupnorm(Shared().eval(), calibration_data=torch.randn(4, 3, 6, 6), sequential=True)
+    assert isinstance(seq.module.alias, nn.GroupNorm) and seq.module.norm is seq.module.alias
+
+
 def test_bad_num_groups() -> None:
     model = nn.Sequential(nn.Conv2d(3, 12, 3), nn.BatchNorm2d(12))
     r = nf.batchnorm_to_groupnorm(model, num_groups=5)
