@@ -146,6 +146,72 @@ def adaptation_batches(pool: torch.Tensor, kind: str, batch_size: int, num_batch
     return out
 
 
+def sorted_batches(pool: torch.Tensor, labels: torch.Tensor, kind: str, batch_size: int) -> list[torch.Tensor]:
+    """The whole pool in label order, unshuffled: what a folder of class subfolders yields when read in order."""
+    order = torch.argsort(labels, stable=True)
+    x = shift(pool[order], kind, seed=5)
+    return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+
+
+def table_sorted(model, splits, pool, labels, *, sizes) -> str:
+    xt, yt = splits["test"]
+    tests = {k: shift(xt, k, seed=99) for k in SHIFTS}
+    rows = []
+    for bs in sizes:
+        row = [str(bs)]
+        for method in METHODS[1:]:
+            accs = [accuracy(adapt(model, method, sorted_batches(pool, labels, k, bs)), tests[k], yt) for k in SHIFTS]
+            row.append(pct(statistics.mean(accs)))
+        rows.append(row)
+    return md_table(["batch size"] + list(METHODS[1:]), rows)
+
+
+@torch.no_grad()
+def calibration_error(model: nn.Module, batches: list[torch.Tensor]) -> tuple[float, float]:
+    """How well the stored statistics match what each BatchNorm receives when ``model`` then runs in eval.
+
+    Returns the mean over layers and channels of ``|running_mean - mean| / sd`` and of
+    ``|ln(running_var / var)|``, where mean, var and sd are those of the layer's eval-time inputs over the
+    same batches: 0 for statistics that standardize exactly what the deployed model sees.
+    """
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    for n, m in bns.items():
+        seen[n] = []
+        hooks.append(m.register_forward_pre_hook(
+            lambda mod, a, n=n: seen[n].append(a[0].double().transpose(0, 1).reshape(a[0].shape[1], -1))))
+    was = {n: m.training for n, m in model.named_modules()}
+    model.eval()
+    for b in batches:
+        model(b)
+    for h in hooks:
+        h.remove()
+    for n, m in model.named_modules():
+        m.training = was[n]
+    e_mean, e_var = [], []
+    for n, m in bns.items():
+        v = torch.cat(seen[n], 1)
+        mu, var = v.mean(1), v.var(1)
+        e_mean.append(float(((m.running_mean.double() - mu).abs() / (var + m.eps).sqrt()).mean()))
+        e_var.append(float(torch.log((m.running_var.double() + m.eps) / (var + m.eps)).abs().mean()))
+    return statistics.mean(e_mean), statistics.mean(e_var)
+
+
+def table_calibration(model, pool, labels) -> str:
+    rows = []
+    n_all = math.ceil(len(pool) / 32)
+    for label, make in (("shuffled, 32 x 44", lambda k: adaptation_batches(pool, k, 32, n_all, seed=8)),
+                        ("sorted by label, 32 x 44", lambda k: sorted_batches(pool, labels, k, 32)),
+                        ("sorted by label, 128 x 11", lambda k: sorted_batches(pool, labels, k, 128))):
+        row = [label]
+        for method in METHODS:
+            errs = [calibration_error(adapt(model, method, make(k)), make(k)) for k in SHIFTS]
+            row.append(f"{statistics.mean(e[0] for e in errs):.3f} / {statistics.mean(e[1] for e in errs):.3f}")
+        rows.append(row)
+    return md_table(["adaptation batches"] + list(METHODS), rows)
+
+
 def adapt(model: nn.Module, method: str, batches: list[torch.Tensor]) -> nn.Module:
     if method == "none":
         return model
@@ -357,49 +423,68 @@ def throughput_rows(name: str, model: nn.Module, batches: list[torch.Tensor], ro
     return [[name, label, f"{n / t:,.0f}", f"{t_eval / t:.2f}x"] for label, t in best.items()]
 
 
+SECTIONS = ("methods", "grid", "estimators", "sorted", "update_bn", "throughput")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer configurations and repeats (a smoke run)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     torch.set_num_threads(args.threads)
     splits = load_splits()
     model, train_s = train(splits, epochs=10 if args.quick else 30)
     pool = torch.cat([splits["train"][0], splits["adapt"][0]])
+    labels = torch.cat([splits["train"][1], splits["adapt"][1]])  # only to order the pool in the "sorted" section
     print(f"# nf.recalibrate benchmark\n\ntorch {torch.__version__}, {torch.get_num_threads()} thread(s); digits CNN "
           f"trained in {train_s:.1f} s; clean test accuracy {pct(accuracy(model, *splits['test']))}%; "
           f"adaptation pool {len(pool)} unlabeled images (train + adaptation splits, shifted), test split "
           f"{len(splits['test'][0])} images.\n")
+    no_recal = statistics.mean(accuracy(model, shift(splits['test'][0], k, 99), splits['test'][1]) for k in SHIFTS)
 
-    print("## Accuracy (%) on the shifted test split, batch size 32 x 40 batches\n")
-    print(table_methods(model, splits, pool, batch_size=32, num_batches=40))
-    sizes = (8, 32, 256) if args.quick else (8, 16, 32, 64, 128, 256)
-    counts = (1, 10, 50) if args.quick else (1, 2, 5, 10, 25, 50)
-    print("\n## population: mean accuracy (%) over the 5 shifts, by batch size and number of batches\n")
-    print(table_grid(model, splits, pool, sizes=sizes, counts=counts, method="population"))
-    print("\n## Every method: mean accuracy (%) over the 5 shifts (no recalibration: "
-          f"{pct(statistics.mean(accuracy(model, shift(splits['test'][0], k, 99), splits['test'][1]) for k in SHIFTS))})\n")
-    configs = [(8, 1), (8, 10), (8, 50), (32, 1), (32, 10), (256, 1), (256, 50)]
-    print(table_estimators_by_size(model, splits, pool, configs=configs[:3] if args.quick else configs))
-    print("\n## What update_bn does differently\n")
-    print(update_bn_differences(model, pool))
+    if "methods" in sections:
+        print("## Accuracy (%) on the shifted test split, batch size 32 x 40 batches\n")
+        print(table_methods(model, splits, pool, batch_size=32, num_batches=40))
+    if "grid" in sections:
+        sizes = (8, 32, 256) if args.quick else (8, 16, 32, 64, 128, 256)
+        counts = (1, 10, 50) if args.quick else (1, 2, 5, 10, 25, 50)
+        print("\n## population: mean accuracy (%) over the 5 shifts, by batch size and number of batches "
+              f"(no recalibration: {pct(no_recal)})\n")
+        print(table_grid(model, splits, pool, sizes=sizes, counts=counts, method="population"))
+    if "estimators" in sections:
+        print(f"\n## Every method: mean accuracy (%) over the 5 shifts (no recalibration: {pct(no_recal)})\n")
+        configs = [(8, 1), (8, 10), (8, 50), (32, 1), (32, 10), (256, 1), (256, 50)]
+        print(table_estimators_by_size(model, splits, pool, configs=configs[:3] if args.quick else configs))
+    if "sorted" in sections:
+        print("\n## Unshuffled data: the whole pool in label order (as a folder of class subfolders reads), mean "
+              f"accuracy (%) over the 5 shifts (no recalibration: {pct(no_recal)})\n")
+        print(table_sorted(model, splits, pool, labels, sizes=(32, 128) if args.quick else (32, 128, 512)))
+        print("\n## Calibration error: stored statistics vs what each BatchNorm receives when the recalibrated model "
+              "runs in eval on the same data, mean over layers, channels and the 5 shifts: |mean error| in sd / "
+              "|ln variance ratio| (0 / 0 is exact)\n")
+        print(table_calibration(model, pool, labels))
+    if "update_bn" in sections:
+        print("\n## What update_bn does differently\n")
+        print(update_bn_differences(model, pool))
+    if "throughput" in sections:
+        print("\n## Throughput: samples per second, and ratio to a plain eval forward over the same batches\n")
+        rounds = 3 if args.quick else 9
+        rows = []
+        for bs, nb in ((8, 50), (256, 50)) if not args.quick else ((256, 10),):
+            batches = adaptation_batches(pool, "noise", bs, nb, seed=6)
+            rows += throughput_rows(f"digits CNN, {nb} x {bs} (8x8)", model, batches, rounds)
+        import torchvision
 
-    print("\n## Throughput: samples per second, and ratio to a plain eval forward over the same batches\n")
-    rounds = 3 if args.quick else 9
-    rows = []
-    for bs, nb in ((8, 50), (256, 50)) if not args.quick else ((256, 10),):
-        batches = adaptation_batches(pool, "noise", bs, nb, seed=6)
-        rows += throughput_rows(f"digits CNN, {nb} x {bs} (8x8)", model, batches, rounds)
-    import torchvision
-
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(7)
-    for name, factory, shape, nb in (("resnet18", torchvision.models.resnet18, (32, 3, 64, 64), 4),
-                                     ("mobilenet_v3_small", torchvision.models.mobilenet_v3_small, (32, 3, 96, 96), 4)):
-        net = factory(num_classes=10).eval()
-        batches = [torch.randn(shape, generator=g) * 1.2 + 0.3 for _ in range(nb if not args.quick else 2)]
-        rows += throughput_rows(f"{name}, {len(batches)} x {shape[0]} ({shape[2]}x{shape[3]})", net, batches, rounds)
-    print(md_table(["model, data", "method", "samples/s", "vs eval"], rows))
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(7)
+        for name, factory, shape, nb in (("resnet18", torchvision.models.resnet18, (32, 3, 64, 64), 4),
+                                         ("mobilenet_v3_small", torchvision.models.mobilenet_v3_small, (32, 3, 96, 96), 4)):
+            net = factory(num_classes=10).eval()
+            batches = [torch.randn(shape, generator=g) * 1.2 + 0.3 for _ in range(nb if not args.quick else 2)]
+            rows += throughput_rows(f"{name}, {len(batches)} x {shape[0]} ({shape[2]}x{shape[3]})", net, batches, rounds)
+        print(md_table(["model, data", "method", "samples/s", "vs eval"], rows))
 
 
 if __name__ == "__main__":

@@ -203,16 +203,16 @@ class _Layer:
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         c, f64 = self.num_features, torch.float64
         dev = module.running_mean.device
-        # population: count, mean, sum of squared deviations (M2)
+        zeros = torch.zeros(c, dtype=f64, device=dev)
+        # values per channel seen (all estimators); only the chosen estimator's accumulators are kept
         self.n = 0.0
-        self.mean = torch.zeros(c, dtype=f64, device=dev)
-        self.m2 = torch.zeros(c, dtype=f64, device=dev)
+        # population: mean and sum of squared deviations (M2)
+        self.mean = self.m2 = zeros
         # cumulative: sums of per-call mean and unbiased variance
-        self.sum_mean = torch.zeros(c, dtype=f64, device=dev)
-        self.sum_var = torch.zeros(c, dtype=f64, device=dev)
+        self.sum_mean = self.sum_var = zeros
         # ema: the running estimate itself, from the current statistics
-        self.ema_mean = self.saved_mean.to(f64)
-        self.ema_var = self.saved_var.to(f64)
+        self.ema_mean = self.saved_mean.to(f64) if estimator == "ema" else zeros
+        self.ema_var = self.saved_var.to(f64) if estimator == "ema" else zeros
         self.ema_nbt = int(self.saved_nbt.item()) if self.saved_nbt is not None else 0
         self.handle: Any = None
 
@@ -256,8 +256,8 @@ class _Layer:
             m2_p = (w * vars_).sum(0) + (w * (means - mean_p) ** 2).sum(0)
             self.n, self.mean, self.m2 = _chan(self.n, self.mean, self.m2, n_p, mean_p, m2_p)
         elif self.estimator == "cumulative":
-            self.sum_mean += means.sum(0)
-            self.sum_var += (vars_ * (ns / (ns - 1))[:, None]).sum(0)
+            self.sum_mean = self.sum_mean + means.sum(0)
+            self.sum_var = self.sum_var + (vars_ * (ns / (ns - 1))[:, None]).sum(0)
             self.n += float(ns.sum())
         else:  # ema, in call order
             momentum = self.module.momentum

@@ -107,7 +107,14 @@ def ranks(tmp_path_factory) -> list[dict]:
     if not torch.distributed.is_available():
         pytest.skip("this torch build has no torch.distributed")
     outdir = tmp_path_factory.mktemp("recalibrate_dist")
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=True)
+    for attempt in range(3):
+        try:
+            torch.multiprocessing.spawn(_worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=True)
+            break
+        except torch.multiprocessing.ProcessRaisedException as exc:
+            # another process on this machine may take the free port between the probe and the bind
+            if "address already in use" not in str(exc).lower() or attempt == 2:
+                raise
     return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
