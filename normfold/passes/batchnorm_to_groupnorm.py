@@ -277,9 +277,11 @@ class BatchNormToGroupNorm(Pass):
             if per_channel is not None and (c // g) * per_channel < MIN_GROUP_VALUES:
                 n_val = (c // g) * per_channel
                 what = "its bias alone" if n_val == 1 else "only the sign of the difference of the two values"
+                fits = default_num_groups(c, values_per_channel=per_channel)
+                fix = (f"pass num_groups={fits} or another divisor of {c} at most {fits}" if fits is not None
+                       else "no group count works for this layer")
                 return (f"num_groups={g} leaves {n_val} value(s) per group and sample on its {rank_note}: GroupNorm "
-                        f"would output {what}, whatever the input; pass a num_groups of at most "
-                        f"{max(1, (c * per_channel) // MIN_GROUP_VALUES)}")
+                        f"would output {what}, whatever the input; {fix}")
         else:
             g = default_num_groups(c, values_per_channel=per_channel)
             if g is None:
