@@ -7,7 +7,10 @@ images, read with Pillow, resized to --image-size and normalized with
 input (everything else in eval), and writes the model with the new statistics
 beside the input as <stem>.recalibrated<suffix> (or -o OUT), never over the
 input. Prints how far each layer's statistics moved: the mean in units of the
-old standard deviation, and the variance ratio. Exit 0 when written, 1 when
+old standard deviation, and the variance ratio. Samples are visited in a
+seeded random order (--seed), so that every batch mixes the data even when
+they are sorted (a folder of class subfolders) and --max-batches takes a
+representative subset. Exit 0 when written, 1 when
 the recalibrated model gives non-finite outputs on the data (nothing is
 written then), 2 on bad input.
 """
@@ -61,6 +64,7 @@ class RecalibrateCommand(Command):
         p.add_argument("--mean", metavar="M[,M,...]", help="per-channel mean subtracted from images scaled to [0, 1] "
                                                            "(e.g. 0.485,0.456,0.406)")
         p.add_argument("--std", metavar="S[,S,...]", help="per-channel std images are divided by (e.g. 0.229,0.224,0.225)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the order samples are visited in (default 0)")
         add_output_argument(p, "recalibrated")
 
     def run(self, args: argparse.Namespace, console: Console) -> int:
@@ -77,13 +81,12 @@ class RecalibrateCommand(Command):
         check_output_path(output_path(args, loaded, "recalibrated"), loaded.path)
         original = loaded.module
         data, description = load_data(Path(args.data), model=original, image_size=args.image_size,
-                                      mean=args.mean, std=args.std, batch_size=args.batch_size)
+                                      mean=args.mean, std=args.std, batch_size=args.batch_size, seed=args.seed)
         console.print(f"[dim]data: {description}[/dim]")
-        is_tensor = isinstance(data, torch.Tensor)
         result = recalibrate(original, data, estimator=args.estimator, max_batches=args.max_batches,
-                             batch_size=args.batch_size if is_tensor else None, progress=not args.quiet)
+                             progress=not args.quiet)
         print_shifts(console, result)
-        probe = data[: min(len(data), 8)] if is_tensor else next(iter(data))[:8]
+        probe = next(iter(data))[:8]
         before = run_model(original, (probe,))
         after = run_model(result.module, (probe,))
         outs = [t for t in _tensors(after)]
@@ -134,13 +137,33 @@ def print_shifts(console: Console, result: RecalibrationResult) -> None:
 # data
 
 
+def visiting_order(n: int, seed: int) -> torch.Tensor:
+    """The order samples are visited in: ``torch.randperm(n)`` from a generator seeded with ``seed``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+class _TensorBatches:
+    """Batches of a tensor's samples in a given order, gathered lazily (no shuffled copy of the whole data)."""
+
+    def __init__(self, data: torch.Tensor, order: torch.Tensor, batch_size: int) -> None:
+        self.data, self.order, self.batch_size = data, order, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in range(0, len(self.order), self.batch_size):
+            yield self.data[self.order[i:i + self.batch_size]]
+
+
 def load_data(path: Path, *, model: nn.Module, image_size: str | None = None, mean: str | None = None,
-              std: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[Any, str]:
-    """The data at ``path``: a tensor (from a tensor file) or a sized iterable of image batches, and a description."""
+              std: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> tuple[Any, str]:
+    """The data at ``path`` as a sized iterable of batches in :func:`visiting_order`, and a description."""
     if not path.exists():
         raise InputError(f"--data {path}: no such file or folder; check the path")
     if path.is_dir():
-        return _image_batches(path, model=model, image_size=image_size, mean=mean, std=std, batch_size=batch_size)
+        return _image_batches(path, model=model, image_size=image_size, mean=mean, std=std, batch_size=batch_size,
+                              seed=seed)
     given = [f for f, v in (("--image-size", image_size), ("--mean", mean), ("--std", std)) if v is not None]
     if given:
         raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to a folder of images; "
@@ -153,7 +176,8 @@ def load_data(path: Path, *, model: nn.Module, image_size: str | None = None, me
     if path.stat().st_size == 0:
         raise InputError(f"--data {path} is empty; save the data with torch.save(tensor, path) or numpy.save")
     array = _read_tensor_file(path, suffix)
-    return _fit_dtype(array, path, model), f"{path.name}: {tuple(array.shape)} {str(array.dtype).replace('torch.', '')}"
+    data = _TensorBatches(_fit_dtype(array, path, model), visiting_order(len(array), seed), batch_size)
+    return data, f"{path.name}: {tuple(array.shape)} {str(array.dtype).replace('torch.', '')}"
 
 
 def _read_tensor_file(path: Path, suffix: str) -> torch.Tensor:
@@ -277,7 +301,7 @@ class _ImageBatches:
 
 
 def _image_batches(folder: Path, *, model: nn.Module, image_size: str | None, mean: str | None, std: str | None,
-                   batch_size: int) -> tuple[_ImageBatches, str]:
+                   batch_size: int, seed: int) -> tuple[_ImageBatches, str]:
     from PIL import Image
 
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
@@ -308,6 +332,7 @@ def _image_batches(folder: Path, *, model: nn.Module, image_size: str | None, me
             raise InputError(f"--data {folder}: the images have different sizes ({shown}); pass --image-size H[,W]")
         size = next(iter(sizes))
     dtype, _ = model_dtype_device(model)
+    files = [files[i] for i in visiting_order(len(files), seed).tolist()]
     batches = _ImageBatches(files, mode=_MODES[channels], size=size, mean=_floats(mean, "--mean", channels),
                             std=_floats(std, "--std", channels), batch_size=batch_size, dtype=dtype)
     return batches, f"{len(files)} image(s) in {folder}, read as {_MODES[channels]} {size[0]}x{size[1]}"

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from normfold.cli import main
+from normfold.commands.recalibrate import visiting_order
 from normfold.demo import build_demo_model
 from normfold.recalibrate import recalibrate
 from normfold.tolerances import RECALIBRATE
@@ -37,6 +38,12 @@ SIZE = 16  # image side: small keeps the test fast; the demo model takes any eve
 
 def _data(n: int = 40, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed)) * 1.7 + 0.8
+
+
+def _visited(x: torch.Tensor, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
+    """The batches the command runs: samples in its seeded visiting order."""
+    order = visiting_order(len(x), seed)
+    return [x[order[i:i + batch_size]] for i in range(0, len(x), batch_size)]
 
 
 def _bn_stats(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -67,13 +74,28 @@ def test_tensor_file_gives_the_library_result_and_writes_beside_the_input(model_
     assert code == 0, err
     written = tmp_path / "model.recalibrated.pt"
     assert written.exists() and (_digest(model_file), _digest(data)) == before
-    expected = recalibrate(build_demo_model(seed=3), _data(), batch_size=16, progress=False)
+    expected = recalibrate(build_demo_model(seed=3), _visited(_data(), 16), progress=False)
     _assert_same_stats(torch.load(written, weights_only=False), expected.model)
     last = out.strip().splitlines()[-1]
     assert last.startswith("recalibrated 6 BatchNorm layer(s) (population, 3 batch(es), 40 samples)") and str(written) in last
     for path in ("stem.1", "block_bn", "fc_bn"):
         assert path in out
     assert not any(p.name.startswith(".model") for p in tmp_path.iterdir()), "temporary file left behind"
+
+
+def test_seed_sets_the_visiting_order(model_file: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "domain.pt"
+    torch.save(_data(24), data)
+    runs = {}
+    for seed in ("0", "5"):
+        out_file = tmp_path / f"seed{seed}.pt"
+        code, out, err = _run(["recalibrate", str(model_file), "--arch", ARCH, "--data", str(data), "--batch-size",
+                               "8", "--max-batches", "1", "--seed", seed, "-o", str(out_file), "-q"], capsys)
+        assert code == 0, err
+        runs[seed] = torch.load(out_file, weights_only=False)
+    expected = recalibrate(build_demo_model(seed=3), _visited(_data(24), 8, seed=5), max_batches=1, progress=False)
+    _assert_same_stats(runs["5"], expected.model)
+    assert not torch.allclose(runs["0"].stem[1].running_mean, runs["5"].stem[1].running_mean)
 
 
 @pytest.mark.parametrize("kind", ["npy float64", "npz with x and labels", "pt dict"])
@@ -93,7 +115,7 @@ def test_numpy_and_dict_files(kind: str, model_file: Path, tmp_path: Path, capsy
                            "cumulative", "--max-batches", "2", "--batch-size", "8", "-o", str(out_file), "-q"], capsys)
     assert code == 0, err
     assert out.strip().splitlines() == [out.strip().splitlines()[-1]], "-q prints only the final line"
-    expected = recalibrate(build_demo_model(seed=3), x, estimator="cumulative", max_batches=2, batch_size=8,
+    expected = recalibrate(build_demo_model(seed=3), _visited(x, 8), estimator="cumulative", max_batches=2,
                            progress=False)
     _assert_same_stats(torch.load(out_file, weights_only=False), expected.model)
 
@@ -121,7 +143,7 @@ def test_image_folder_is_scaled_normalized_and_matches_the_library(model_file: P
     assert "10 image(s)" in out and f"RGB {SIZE}x{SIZE}" in out
     mean = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
     x = (torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255 - mean) / 0.25
-    expected = recalibrate(build_demo_model(seed=3), x, batch_size=4, progress=False)
+    expected = recalibrate(build_demo_model(seed=3), _visited(x, 4), progress=False)
     _assert_same_stats(torch.load(out_file, weights_only=False), expected.model)
 
 
