@@ -18,7 +18,11 @@ torch.distributed is initialized) and never touches ``momentum``. A BatchNorm
 subclass with a forward normfold does not know is the only layer put in
 training mode, so that its own code decides how it uses batch statistics.
 The forward runs under ``torch.no_grad``. Afterwards the new statistics are
-written, and every module's mode comes back as it was given.
+written, and every module's mode comes back as it was given. Because the
+layers above a BatchNorm normalize each batch with that batch's statistics
+during the run (as in training), batches should mix the data: shuffle sorted
+data (a folder of class subfolders), or the deeper layers' statistics are
+measured on activations the deployed model does not produce.
 
 Estimators. For a layer, call ``b`` contributes ``n_b`` values per channel
 (batch size times spatial positions) with per-channel mean ``m_b`` and biased
