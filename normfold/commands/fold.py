@@ -11,6 +11,7 @@ then), 2 on bad input.
 from __future__ import annotations
 
 import argparse
+import logging
 
 from rich.console import Console
 
@@ -93,7 +94,14 @@ def _fold_exported(args: argparse.Namespace, console: Console, loaded: LoadedMod
         final_line(f"FAILED: the folded program differs from the original (max abs error {v.max_abs:.3g}, "
                    f"max rel error {v.max_rel:.3g}); nothing written")
         return 1
-    written = write_model(args, loaded, result.module, "folded", program=result.program)
+    # torch.export.save warns about the temporary file's name (not *.pt2) of the atomic write: not the user's business
+    pkg_log = logging.getLogger("torch.export.pt2_archive._package")
+    level = pkg_log.level
+    pkg_log.setLevel(logging.ERROR)
+    try:
+        written = write_model(args, loaded, result.module, "folded", program=result.program)
+    finally:
+        pkg_log.setLevel(level)
     folds = sum(1 for c in result.changes if c.action.startswith("fold"))
     bakes = len(result.changes) - folds
     baked = f", baked {bakes} weight standardization(s)" if bakes else ""

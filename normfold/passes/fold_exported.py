@@ -142,15 +142,26 @@ def _stack_path(node: torch.fx.Node) -> str | None:
 class _Program:
     """An ExportedProgram under edit: its graph, signature, and tensors by placeholder."""
 
-    def __init__(self, ep: ExportedProgram) -> None:
+    def __init__(self, ep: ExportedProgram, rename: dict[str, str] | None = None) -> None:
         self.ep = ep
         self.gm = ep.graph_module
         self.graph = self.gm.graph
-        self.specs: list[InputSpec] = list(ep.graph_signature.input_specs)
+        #: copy.deepcopy of a program renames nodes that shadow builtins (``input`` -> ``input_1``) but not its
+        #: signature: ``rename`` maps the signature's names to the copy's
+        self.rename = dict(rename or {})
+        self.specs: list[InputSpec] = [self._renamed(s) for s in ep.graph_signature.input_specs]
         self.state_dict = dict(ep.state_dict)
         self.constants = dict(ep.constants)
         self.spec_of: dict[str, InputSpec] = {s.arg.name: s for s in self.specs if isinstance(s.arg, TensorArgument)}
         self.nodes = {n.name: n for n in self.graph.nodes}
+
+    def _renamed(self, spec: Any) -> Any:
+        arg = spec.arg
+        name = getattr(arg, "name", None)
+        if name is not None and self.rename.get(name, name) != name:
+            spec = copy.copy(spec)
+            spec.arg = type(arg)(name=self.rename[name])
+        return spec
 
     def spec(self, node: Any) -> InputSpec | None:
         if not isinstance(node, torch.fx.Node) or node.op != "placeholder":
@@ -233,8 +244,16 @@ class _Program:
     def finish(self) -> ExportedProgram:
         self.graph.lint()
         self.gm.recompile()
-        sig = copy.copy(self.ep.graph_signature)
-        sig = type(sig)(input_specs=self.specs, output_specs=list(self.ep.graph_signature.output_specs))
+        # outputs may now be other nodes (a BatchNorm that was the last op is gone): name them as the graph does
+        out_node = next(n for n in self.graph.nodes if n.op == "output")
+        values = out_node.args[0] if isinstance(out_node.args[0], (list, tuple)) else [out_node.args[0]]
+        out_specs = []
+        for spec, value in zip([self._renamed(s) for s in self.ep.graph_signature.output_specs], values):
+            if isinstance(spec.arg, TensorArgument) and isinstance(value, torch.fx.Node) and spec.arg.name != value.name:
+                spec = copy.copy(spec)
+                spec.arg = TensorArgument(name=value.name)
+            out_specs.append(spec)
+        sig = type(self.ep.graph_signature)(input_specs=self.specs, output_specs=out_specs)
         return ExportedProgram(
             root=self.gm, graph=self.gm.graph, graph_signature=sig, state_dict=self.state_dict,
             range_constraints=copy.deepcopy(self.ep.range_constraints),
@@ -605,11 +624,16 @@ class FoldExportedProgram(Pass):
     def __call__(self, program: Any, *, inplace: bool = False) -> ExportedPassResult:  # type: ignore[override]
         if not isinstance(program, ExportedProgram):
             raise NormfoldError(f"{self.name}: expected a torch.export.ExportedProgram, got {type(program).__name__}")
-        ep = program if inplace else copy.deepcopy(program)
-        return self.call(ep)
+        if inplace:
+            return self.call(program)
+        ep = copy.deepcopy(program)
+        rename = {a.name: b.name for a, b in zip(program.graph.nodes, ep.graph.nodes) if a.name != b.name}
+        return self._run(_Program(ep, rename))
 
     def call(self, module: Any) -> ExportedPassResult:
-        prog = _Program(module)
+        return self._run(_Program(module))
+
+    def _run(self, prog: _Program) -> ExportedPassResult:
         d = AtenDialect(prog)
         result = ExportedPassResult(module=None)  # type: ignore[arg-type]
         if self.weight_standardization:
@@ -811,7 +835,8 @@ class FoldExportedProgram(Pass):
         return None
 
     def _remove(self, prog: _Program, bn: _BN) -> None:
-        bn.value.replace_all_uses_with(bn.input)
+        # the input node may have been replaced since parsing (mm -> addmm when a bias was added)
+        bn.value.replace_all_uses_with(bn.node.args[0])
         for u in list(bn.node.users):
             if not u.users:
                 prog.graph.erase_node(u)
