@@ -84,7 +84,8 @@ def infer_input_shapes(model: nn.Module, *, batch: int = 2) -> InferredInputs:
     """Guess an input shape from the model's first layer and check it with one forward pass.
 
     The first Conv/Linear/Embedding in registration order decides the channel
-    count; image sizes 224, 64, 32 and 299 are tried in that order.
+    count; for 2-D convs the image sizes 224, 64, 32, 299 and 16 are tried in that order
+    (smaller sizes first for 3-D volumes).
     """
     first = _first_layer(model)
     if first is None:
@@ -95,7 +96,9 @@ def infer_input_shapes(model: nn.Module, *, batch: int = 2) -> InferredInputs:
     if isinstance(m, nn.modules.conv._ConvNd):
         nd = len(m.kernel_size)
         c = m.in_channels
-        for size in (224, 64, 32, 299, 16):
+        # Images are usually 224 wide; volumes and signals are smaller or longer (a 224^3 volume costs ~20 s).
+        sizes = {1: (1024, 224, 64, 16000), 2: (224, 64, 32, 299, 16), 3: (16, 32, 64, 112)}.get(nd, (16, 32))
+        for size in sizes:
             candidates.append((batch, c) + (size,) * nd)
     elif isinstance(m, nn.Linear):
         candidates = [(batch, m.in_features), (batch, 8, m.in_features)]

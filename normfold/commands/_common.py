@@ -7,7 +7,6 @@ and to write files by the same rules (DESIGN.md, "Model files").
 from __future__ import annotations
 
 import argparse
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,7 +20,7 @@ from normfold.check.compare import OutputComparison, compare_outputs, max_errors
 from normfold.errors import InputError, UsageError
 from normfold.inputs import infer_input_shapes, model_dtype_device, parse_shape, random_inputs, run_model
 from normfold.io import LoadedModel, default_output_path, load_model, save_model
-from normfold.passes.base import PassResult
+from normfold.passes.base import PassResult, copy_module
 from normfold.tolerances import Tolerance, for_dtype
 
 __all__ = ["Command", "make_console", "add_model_arguments", "add_output_argument", "load_from_args",
@@ -165,4 +164,4 @@ def write_model(args: argparse.Namespace, loaded: LoadedModel, module: nn.Module
 
 def working_copy(module: nn.Module) -> nn.Module:
     """A deep copy for the rewrite, so the loaded original stays the reference."""
-    return copy.deepcopy(module)
+    return copy_module(module)

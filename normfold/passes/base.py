@@ -24,7 +24,7 @@ from torch import nn
 
 from normfold.errors import NormfoldError, PassError
 
-__all__ = ["Change", "Skip", "PassResult", "Pass", "PassManager"]
+__all__ = ["Change", "Skip", "PassResult", "Pass", "PassManager", "copy_module"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,23 @@ def restore_training_flags(module: nn.Module, flags: dict[str, bool]) -> None:
             m.training = flags[name]
 
 
+def copy_module(module: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also copies modules holding non-leaf tensors as plain attributes.
+
+    Old-style weight_norm / spectral_norm hooks leave the weight they computed in
+    the last forward as a plain attribute with a ``grad_fn``, and ``deepcopy``
+    refuses non-leaf tensors (pytorch/pytorch#103001). The copy gets a detached
+    clone of each such tensor (the hook recomputes it on the next forward); the
+    input is not touched.
+    """
+    memo: dict[int, Any] = {}
+    for m in module.modules():
+        for value in m.__dict__.values():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(module, memo)
+
+
 class Pass(abc.ABC):
     """Base class of every rewrite.
 
@@ -145,7 +162,7 @@ class Pass(abc.ABC):
                 f"{self.name}: expected a torch.nn.Module, got {type(module).__name__}"
             )
         flags = training_flags(module)
-        work = module if inplace else copy.deepcopy(module)
+        work = module if inplace else copy_module(module)
         try:
             result = self.call(work)
         finally:

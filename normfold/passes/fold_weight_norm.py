@@ -31,7 +31,6 @@ The baked tensor stays a Parameter with the original's ``requires_grad``.
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any
 
@@ -42,7 +41,7 @@ from torch.nn.utils import parametrize
 from normfold.graph import eval_mode
 from normfold.passes.base import Change, Pass, PassResult, Skip
 
-__all__ = ["FoldWeightNorm", "fold_weight_norm", "deepcopy_with_hook_weights"]
+__all__ = ["FoldWeightNorm", "fold_weight_norm"]
 
 log = logging.getLogger(__name__)
 
@@ -71,35 +70,10 @@ def _old_hooks(m: nn.Module) -> list[tuple[int, Any, str]]:
     return out
 
 
-def deepcopy_with_hook_weights(module: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also works on a model with old-style weight_norm/spectral_norm hooks.
-
-    After a forward, such a module holds its computed weight as a plain
-    attribute that is a non-leaf tensor, and ``deepcopy`` refuses non-leaf
-    tensors (pytorch/pytorch#103001). The copy gets a detached clone of it
-    instead (the hook recomputes it on the next forward anyway); the input is
-    not touched.
-    """
-    memo: dict[int, Any] = {}
-    for m in module.modules():
-        for _, hook, _kind in _old_hooks(m):
-            t = m.__dict__.get(hook.name)
-            if isinstance(t, torch.Tensor) and t.grad_fn is not None:
-                memo[id(t)] = t.detach().clone()
-    return copy.deepcopy(module, memo)
-
-
 class FoldWeightNorm(Pass):
     """Replace every weight_norm / spectral_norm reparametrization by the plain weight it computes in eval."""
 
     name = "fold_weight_norm"
-
-    def __call__(self, module: nn.Module, *, inplace: bool = False) -> PassResult:
-        # The base class deep-copies for inplace=False, which fails on a hook-style weight_norm module
-        # that has run a forward: copy it here the way that works, then let the base work in place on it.
-        if not inplace and isinstance(module, nn.Module):
-            module = deepcopy_with_hook_weights(module)
-        return super().__call__(module, inplace=True)
 
     def call(self, module: nn.Module) -> PassResult:
         result = PassResult(module=module)
