@@ -144,8 +144,9 @@ def fold_into_output_channels(producer: nn.Module, scale: torch.Tensor, shift: t
 
     # Overflow check before touching anything. Rounding is monotonic, so the largest
     # |w * s| in float64 overflows the weight's dtype exactly when any product does; the
-    # largest product is max|w| (exact in any dtype) times |s| per (row, col).
-    row_max = torch.linalg.vector_norm(v, ord=float("inf"), dim=2).to(torch.float64)
+    # largest product is max|w| (exact in any dtype) times |s| per (row, col). amax/amin
+    # propagate NaN and are several times faster than vector_norm(ord=inf) on CPU.
+    row_max = torch.maximum(v.amax(dim=2), -v.amin(dim=2)).to(torch.float64)
     largest = torch.zeros((), dtype=torch.float64, device=device)
     for a, b, sc in blocks:
         prod = row_max[a:b] * (sc[..., 0] if sc is not None else per_row[a:b, :, 0]).abs()
@@ -159,13 +160,17 @@ def fold_into_output_channels(producer: nn.Module, scale: torch.Tensor, shift: t
         return "the folded weights are not finite (running_var + eps <= 0 or inf/NaN statistics)"
 
     rows_per_step = max(1, _CHUNK_ELEMS // max(1, v.shape[1] * v.shape[2]))
+    buf = torch.empty((min(rows_per_step, v.shape[0]), *v.shape[1:]), dtype=torch.float64, device=device)
     with torch.no_grad():
         for a, b, sc in blocks:
             for i in range(a, b, rows_per_step):
                 j = min(b, i + rows_per_step)
-                chunk = v[i:j].to(torch.float64)
-                chunk.mul_(sc if sc is not None else per_row[i:j])
-                v[i:j].copy_(chunk)  # copy_ rounds to the weight's dtype once
+                out = buf[: j - i]
+                # widen exactly, multiply in float64, round once on the way back; three plain
+                # copy/mul kernels are about twice as fast on CPU as one mixed-dtype torch.mul
+                out.copy_(v[i:j])
+                out.mul_(sc if sc is not None else per_row[i:j])
+                v[i:j].copy_(out)
         if work is not wd:
             wd.copy_(work)
         if producer.bias is not None:

@@ -807,7 +807,8 @@ class FoldBatchNormAll(Pass):
         module = r1.module
         result.changes.extend(r1.changes)
         result.metrics.update(r1.metrics)
-        if not self.forward:
+        if not self.forward or not r1.skipped:
+            # nothing left for step 3 (every BatchNorm folded directly): skip its second trace
             result.skipped.extend(r1.skipped)
             result.module = module
             return result
