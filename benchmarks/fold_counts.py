@@ -43,7 +43,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import normfold as nf  # noqa: E402
-from normfold.tolerances import ZOO  # noqa: E402
+from normfold.tolerances import for_dtype  # noqa: E402
 from tests.conftest import BatchNormOpCounter, output_error, randomize_bn_stats, run_counting  # noqa: E402
 
 try:  # big torchvision models build much faster with it, when the test helpers provide it
@@ -55,6 +55,8 @@ except ImportError:  # pragma: no cover
         return contextlib.nullcontext()
 
 SIZES = (32, 64, 75, 224, 256, 299)
+#: a fold counts as right when max |folded - original| <= RTOL * max |original| (float32 fold tolerance)
+RTOL = for_dtype(torch.float32).rtol
 
 #: the timm list of tests/zoo/test_fold_zoo.py (kept in step by hand: benchmarks do not import tests/zoo)
 TIMM_ZOO = [
@@ -154,7 +156,7 @@ def measure(name: str, source: str, pt2: bool) -> Row:
     try:
         fused = fuse(model)
         out_f, n_f = run_counting(fused, x)
-        if output_error(out_f, ref)[1] <= ZOO.rtol:
+        if output_error(out_f, ref)[1] <= RTOL:
             row.fuse = n_ref - n_f
         else:
             row.fuse, row.note = 0, f"fuse output wrong ({n_ref - n_f} folds not counted)"
@@ -180,7 +182,7 @@ def measure(name: str, source: str, pt2: bool) -> Row:
             with BatchNormOpCounter() as c1, torch.no_grad():
                 out_p = pr.program.module()(*x)
             row.pt2 = c0.count - c1.count
-            if output_error(out_p, ref)[1] > ZOO.rtol:
+            if output_error(out_p, ref)[1] > RTOL:
                 row.note += " pt2 output differs!"
             pt2_records = _records(pr)
             del ep, pr
@@ -207,7 +209,7 @@ def measure(name: str, source: str, pt2: bool) -> Row:
     if pt2 and pt2_records is not None:
         module_records = _records(result)
         row.pt2_same = "yes" if module_records == pt2_records else "NO"
-    if row.rel_err > ZOO.rtol:
+    if row.rel_err > RTOL:
         row.note += f" OUTPUT DIFFERS (rel err {row.rel_err:.2g})"
     return row
 
