@@ -5,6 +5,7 @@ from normfold.passes.base import Change, Pass, PassManager, PassResult, Skip
 from normfold.passes.batchnorm_to_groupnorm import batchnorm_to_groupnorm
 from normfold.passes.fold_batchnorm import fold_batchnorm
 from normfold.passes.fold_weight_norm import fold_weight_norm
+from normfold.passes.weight_standardization import fold_weight_standardization
 from normfold.passes.freeze_batchnorm import FrozenAffine, freeze_batchnorm, unfreeze_batchnorm
 from normfold.passes.syncbn import from_syncbn, to_syncbn
 from normfold.passes.layernorm_to_rmsnorm import RMSNormWithBias, layernorm_to_rmsnorm
@@ -27,6 +28,7 @@ __all__ = [
     "unfreeze_batchnorm",
     "FrozenAffine",
     "fold_weight_norm",
+    "fold_weight_standardization",
     "layernorm_to_rmsnorm",
     "RMSNormWithBias",
     "recalibrate",
