@@ -10,6 +10,9 @@ from normfold.passes.freeze_batchnorm import FrozenAffine, freeze_batchnorm, unf
 from normfold.passes.syncbn import from_syncbn, to_syncbn
 from normfold.passes.layernorm_to_rmsnorm import RMSNormWithBias, layernorm_to_rmsnorm
 from normfold.recalibrate import LayerShift, RecalibrationResult, recalibrate
+from normfold.export import ExportResult, export_onnx
+from normfold.check import CheckReport
+from normfold import check  # the package, callable as the checker: nf.check(reference, ...)
 
 __version__ = "0.1.0"
 
@@ -34,5 +37,9 @@ __all__ = [
     "recalibrate",
     "RecalibrationResult",
     "LayerShift",
+    "export_onnx",
+    "ExportResult",
+    "check",
+    "CheckReport",
     "__version__",
 ]

@@ -70,6 +70,54 @@ def for_dtype(dtype: torch.dtype) -> Tolerance:
     return FOLD.get(dtype, FOLD[torch.float32])
 
 
+@dataclass(frozen=True)
+class CheckTolerance(Tolerance):
+    """normfold.check's tolerance: ``|a - b| <= atol + rtol * |b| + scaled * max|b|`` elementwise.
+
+    ``scaled`` bounds the error as a fraction of the output's largest magnitude
+    (``max |b|`` over the whole output tensor): rounding errors grow with the
+    magnitude of the numbers a network computes, so one ``scaled`` fits models
+    whose outputs are 0.05 or 500, where one absolute ``atol`` cannot.
+    """
+
+    scaled: float = 0.0
+
+    def allclose(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        b64 = b.double()
+        scale = b64.abs().max().item() if b64.numel() else 0.0
+        return bool(((a.double() - b64).abs() <= self.atol + self.scaled * scale + self.rtol * b64.abs()).all())
+
+    def describe(self) -> str:
+        parts = []
+        if self.atol:
+            parts.append(f"{self.atol:g}")
+        if self.rtol:
+            parts.append(f"{self.rtol:g} * |ref|")
+        if self.scaled:
+            parts.append(f"{self.scaled:g} * max|ref|")
+        return "|a - b| <= " + (" + ".join(parts) if parts else "0")
+
+
+#: normfold.check's default comparison of a stage's outputs with the original's, by dtype.
+#: PLACEHOLDER until the zoo measurements are in.
+CHECK: dict[torch.dtype, CheckTolerance] = {
+    torch.float64: CheckTolerance(atol=0.0, rtol=0.0, scaled=1e-10),
+    torch.float32: CheckTolerance(atol=0.0, rtol=0.0, scaled=2e-5),
+    torch.float16: CheckTolerance(atol=0.0, rtol=0.0, scaled=2e-2),
+    torch.bfloat16: CheckTolerance(atol=0.0, rtol=0.0, scaled=5e-2),
+}
+
+
+#: localization (normfold.check.localize) when the check's tolerance has no ``scaled`` part: a layer's value
+#: matches the reference's when ``max |a - b| <= LOCALIZE * max |ref|``
+LOCALIZE: float = 1e-4
+
+
+def check_tolerance(dtype: torch.dtype) -> CheckTolerance:
+    """normfold.check's default tolerance for a model running in ``dtype``."""
+    return CHECK.get(dtype, CHECK[torch.float32])
+
+
 #: forward folding into a layer that pads with zeros needs every BatchNorm shift t = beta - mean * s to be 0;
 #: t counts as 0 within this many units in the last place of the BatchNorm's dtype, relative to
 #: |beta| + |mean * s| (beta set to mean * s in float32 leaves t at rounding level, and the fold then changes

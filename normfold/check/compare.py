@@ -4,24 +4,31 @@ Outputs may be a tensor, or any nesting of tuples, lists, dicts, namedtuples
 and Hugging Face ``ModelOutput``s; they are flattened to ``name -> tensor`` in
 a stable order (``out``, ``out.0``, ``out.logits`` ...). For each output the
 comparison records shapes, dtypes, max/mean absolute and relative error,
-NaN/Inf counts, and the smallest ``atol`` (at the given ``rtol``) that would
-have passed, so a failure tells the user how far off it is.
+NaN/Inf counts, and the tolerance that would have passed (the smallest
+``atol`` at the given ``rtol``, the smallest ``rtol`` at the given ``atol``,
+and ``scaled_error``, the smallest scale-relative tolerance), so a failure
+tells the user how far off it is. ``tol`` is a
+:class:`~normfold.tolerances.Tolerance` (``torch.allclose`` semantics) or a
+:class:`~normfold.tolerances.CheckTolerance`, which adds ``scaled * max|ref|``.
 
 Relative error is ``|a - b| / max(|b|, floor)`` with ``floor`` a small
 fraction of the reference's scale, so near-zero reference values do not
-produce meaningless huge ratios.
+produce meaningless huge ratios. ``scale`` is ``max |b|`` and
+``scaled_error`` is ``max |a - b| / scale``: the error as a fraction of the
+output's magnitude, the number that is comparable across models.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from normfold.tolerances import Tolerance
 
-__all__ = ["OutputComparison", "flatten_outputs", "compare_outputs", "max_errors"]
+__all__ = ["OutputComparison", "flatten_outputs", "compare_outputs", "compare_flat", "max_errors",
+           "name_outputs"]
 
 
 @dataclass
@@ -44,12 +51,29 @@ class OutputComparison:
     atol: float = 0.0
     rtol: float = 0.0
     problem: str | None = None
+    rtol_needed: float = float("nan")
+    scale: float = float("nan")
+    scaled_error: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["reference_shape"] = list(self.reference_shape)
         d["candidate_shape"] = list(self.candidate_shape)
         return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "OutputComparison":
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["reference_shape"] = tuple(kw.get("reference_shape", ()))
+        kw["candidate_shape"] = tuple(kw.get("candidate_shape", ()))
+        return cls(**kw)
+
+    def summary(self) -> str:
+        """One line: ok, or what is wrong and by how much."""
+        if self.passed:
+            return f"{self.name}: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}"
+        return f"{self.name}: {self.problem}"
 
 
 def flatten_outputs(value: Any, prefix: str = "out") -> dict[str, torch.Tensor]:
@@ -76,12 +100,31 @@ def flatten_outputs(value: Any, prefix: str = "out") -> dict[str, torch.Tensor]:
     return out
 
 
+def name_outputs(reference_names: Sequence[str], tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Give a flat list of outputs (an ONNX session's, in graph order) the reference's output names.
+
+    The dynamo exporter flattens the output pytree in the order
+    :func:`flatten_outputs` walks it; extra outputs are named ``onnx.<i>``.
+    """
+    named: dict[str, torch.Tensor] = {}
+    for i, t in enumerate(tensors):
+        named[reference_names[i] if i < len(reference_names) else f"onnx.{i}"] = t
+    return named
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
 def _compare_tensor(name: str, ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance) -> OutputComparison:
     c = OutputComparison(name=name, passed=False, reference_shape=tuple(ref.shape), candidate_shape=tuple(cand.shape),
-                         reference_dtype=str(ref.dtype).replace("torch.", ""),
-                         candidate_dtype=str(cand.dtype).replace("torch.", ""), atol=tol.atol, rtol=tol.rtol)
+                         reference_dtype=_dtype_name(ref), candidate_dtype=_dtype_name(cand),
+                         atol=tol.atol, rtol=tol.rtol)
     if tuple(ref.shape) != tuple(cand.shape):
         c.problem = f"shape {tuple(cand.shape)} != reference {tuple(ref.shape)}"
+        return c
+    if ref.dtype.is_floating_point != cand.dtype.is_floating_point or (ref.dtype == torch.bool) != (cand.dtype == torch.bool):
+        c.problem = f"dtype {c.candidate_dtype} != reference {c.reference_dtype}"
         return c
     r = ref.detach().to("cpu", torch.float64)
     a = cand.detach().to("cpu", torch.float64)
@@ -89,52 +132,67 @@ def _compare_tensor(name: str, ref: torch.Tensor, cand: torch.Tensor, tol: Toler
     c.inf_count = int(torch.isinf(a).sum())
     ref_bad = int((~torch.isfinite(r)).sum())
     if r.numel() == 0:
-        c.max_abs = c.mean_abs = c.max_rel = c.mean_rel = c.atol_needed = 0.0
+        c.max_abs = c.mean_abs = c.max_rel = c.mean_rel = c.atol_needed = c.rtol_needed = 0.0
+        c.scale = c.scaled_error = 0.0
         c.passed = True
         return c
     diff = (a - r).abs()
     # Where both are the same non-finite value (inf == inf, nan vs nan), count the element as equal.
     same_nonfinite = (~torch.isfinite(r)) & ((a == r) | (torch.isnan(a) & torch.isnan(r)))
     diff = torch.where(same_nonfinite, torch.zeros_like(diff), diff)
-    scale = r[torch.isfinite(r)].abs().max().item() if (torch.isfinite(r)).any() else 1.0
+    finite_r = r[torch.isfinite(r)]
+    scale = finite_r.abs().max().item() if finite_r.numel() else 1.0
     floor = max(scale * 1e-6, torch.finfo(torch.float32).tiny)
-    rel = diff / torch.clamp(r.abs(), min=floor)
+    abs_r = r.abs().nan_to_num(posinf=0.0, neginf=0.0)
+    rel = diff / torch.clamp(abs_r, min=floor)
+    c.scale = float(scale)
     c.max_abs = float(diff.max())
     c.mean_abs = float(diff.mean())
     c.max_rel = float(rel.max())
     c.mean_rel = float(rel.mean())
-    # smallest atol that passes |a - r| <= atol + rtol |r|
-    c.atol_needed = float(torch.clamp(diff - tol.rtol * r.abs().nan_to_num(posinf=0.0, neginf=0.0), min=0).max())
+    c.scaled_error = c.max_abs / scale if scale > 0 else c.max_abs
+    # the smallest atol that passes |a - r| <= atol + rtol |r| at this rtol, and the smallest rtol at this atol
+    c.atol_needed = float(torch.clamp(diff - tol.rtol * abs_r, min=0).max())
+    over = torch.clamp(diff - tol.atol, min=0)
+    need = torch.where(over > 0, over / torch.clamp(abs_r, min=torch.finfo(torch.float64).tiny), torch.zeros_like(over))
+    c.rtol_needed = float(need.max())
     if c.nan_count or c.inf_count:
         if c.nan_count + c.inf_count > ref_bad or not bool(same_nonfinite.sum() >= c.nan_count + c.inf_count):
             c.problem = f"{c.nan_count} NaN and {c.inf_count} Inf values (reference has {ref_bad})"
             return c
-    ok = bool((diff <= tol.atol + tol.rtol * r.abs()).all()) if torch.isfinite(diff).all() else False
+    scaled_tol = float(getattr(tol, "scaled", 0.0))
+    bound = tol.atol + scaled_tol * scale + tol.rtol * abs_r
+    ok = bool((diff <= bound).all()) if torch.isfinite(diff).all() else False
     c.passed = ok
     if not ok:
-        c.problem = f"max abs error {c.max_abs:.3g} exceeds atol {tol.atol:g} + rtol {tol.rtol:g} * |ref|"
+        rule = tol.describe() if hasattr(tol, "describe") else f"|a - b| <= {tol.atol:g} + {tol.rtol:g} * |ref|"
+        c.problem = (f"max abs error {c.max_abs:.3g} ({c.scaled_error:.2g} of the output's scale {scale:.3g}) "
+                     f"breaks {rule}")
     return c
+
+
+def compare_flat(reference: Mapping[str, torch.Tensor], candidate: Mapping[str, torch.Tensor],
+                 tol: Tolerance) -> list[OutputComparison]:
+    """Compare two already flattened ``name -> tensor`` outputs under ``tol``."""
+    results: list[OutputComparison] = []
+    for name, r in reference.items():
+        if name not in candidate:
+            results.append(OutputComparison(name=name, passed=False, reference_shape=tuple(r.shape), candidate_shape=(),
+                                            reference_dtype=_dtype_name(r), candidate_dtype="missing",
+                                            atol=tol.atol, rtol=tol.rtol, problem="output missing from the candidate"))
+            continue
+        results.append(_compare_tensor(name, r, candidate[name], tol))
+    for name, t in candidate.items():
+        if name not in reference:
+            results.append(OutputComparison(name=name, passed=False, reference_shape=(), candidate_shape=tuple(t.shape),
+                                            reference_dtype="missing", candidate_dtype=_dtype_name(t),
+                                            atol=tol.atol, rtol=tol.rtol, problem="output not in the reference"))
+    return results
 
 
 def compare_outputs(reference: Any, candidate: Any, tol: Tolerance) -> list[OutputComparison]:
     """Compare every output of ``candidate`` with ``reference`` under ``tol``."""
-    ref = flatten_outputs(reference)
-    cand = flatten_outputs(candidate)
-    results: list[OutputComparison] = []
-    for name, r in ref.items():
-        if name not in cand:
-            results.append(OutputComparison(name=name, passed=False, reference_shape=tuple(r.shape), candidate_shape=(),
-                                            reference_dtype=str(r.dtype), candidate_dtype="missing",
-                                            atol=tol.atol, rtol=tol.rtol, problem="output missing from the candidate"))
-            continue
-        results.append(_compare_tensor(name, r, cand[name], tol))
-    for name in cand:
-        if name not in ref:
-            t = cand[name]
-            results.append(OutputComparison(name=name, passed=False, reference_shape=(), candidate_shape=tuple(t.shape),
-                                            reference_dtype="missing", candidate_dtype=str(t.dtype),
-                                            atol=tol.atol, rtol=tol.rtol, problem="output not in the reference"))
-    return results
+    return compare_flat(flatten_outputs(reference), flatten_outputs(candidate), tol)
 
 
 def max_errors(comparisons: list[OutputComparison]) -> tuple[float, float]:

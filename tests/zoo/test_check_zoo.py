@@ -1,0 +1,195 @@
+"""No false alarms: the checker passes a clean fold + export of every torchvision classification model.
+
+For every model in ``torchvision.models.list_models(module=torchvision.models)``
+(random weights, BatchNorm statistics and affine parameters randomized with
+:func:`tests.conftest.randomize_bn_stats`, eval), at the smallest input size
+it accepts: fold with :func:`normfold.fold_batchnorm`, then run the full
+checker (:func:`normfold.check`: export with the dynamo exporter, onnxruntime
+with providers cuda then cpu, every probe) at the DEFAULT tolerances. Every
+check must pass.
+
+Cost. The dynamo export is the expensive part (seconds to tens of seconds of
+one core per model: torch.export with a symbolic batch, decompositions,
+translation, onnxscript's optimizer), and pytest-xdist is not a test
+dependency. So the models run in two worker processes started once for the
+session (spawned; one torch and one onnxruntime thread each), longest first
+by the measured cost in :data:`COST`, and each model is still its own
+parametrized test that waits for its result. The two models over 2 GB of
+weights (exported with external data) go to the same worker so that they are
+never in memory at the same time. ``NORMFOLD_ZOO_WORKERS`` sets the number of
+workers (1 runs them one after another).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+import warnings
+from typing import Any
+
+import pytest
+import torch
+
+torchvision = pytest.importorskip("torchvision")
+
+pytestmark = pytest.mark.zoo
+
+#: square input sizes tried in order; the first the model accepts is used (small keeps the zoo affordable)
+SIZES = (32, 64, 75, 224)
+
+#: batch of the checked inputs (>= 2, so that the batch-independence probe has a sample and its batch-mates)
+BATCH = 2
+
+#: measured seconds (one core: build + fold + check with export and probes) per model, to balance the workers;
+#: models missing here count as :data:`DEFAULT_COST`
+COST: dict[str, float] = {}
+DEFAULT_COST = 10.0
+
+#: models whose weights exceed 2 GB (ONNX external data): scheduled on the same worker
+HUGE = ("vit_h_14", "regnet_y_128gf")
+
+MODELS = torchvision.models.list_models(module=torchvision.models)
+
+
+def _build(name: str) -> torch.nn.Module:
+    kw: dict[str, Any] = {}
+    if name in {"googlenet", "inception_v3"}:
+        kw = {"init_weights": True, "aux_logits": False}  # the aux heads only run in training mode
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, **kw).eval()
+
+
+def check_one(name: str, *, threads: int = 1) -> dict[str, Any]:
+    """Build, fold and check one torchvision model; a plain dict (it crosses a process boundary)."""
+    import normfold as nf
+    from tests.conftest import randomize_bn_stats
+
+    torch.set_num_threads(threads)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _build(name)
+    randomize_bn_stats(model, seed=1)
+    times["build"] = time.perf_counter() - t0
+    x = None
+    errors = []
+    for size in SIZES:
+        g = torch.Generator().manual_seed(size)
+        cand = (torch.randn(BATCH, 3, size, size, generator=g) * 2 + 0.5,)
+        try:
+            with torch.no_grad():
+                model(*cand)
+        except Exception as exc:  # too small for this architecture: try the next size
+            errors.append(f"{size}: {type(exc).__name__}")
+            continue
+        x = cand
+        break
+    if x is None:
+        return {"name": name, "error": "no input size works: " + "; ".join(errors)}
+    t0 = time.perf_counter()
+    folded = nf.fold_batchnorm(model, example_inputs=x)
+    times["fold"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    report = nf.check(model, candidate=folded.module, inputs=x, threads=threads)
+    times["check"] = time.perf_counter() - t0
+    outputs = [c for r in report.checks if r.group == "outputs" for c in r.comparisons]
+    return {
+        "name": name, "size": x[0].shape[-1], "passed": report.passed, "text": report.to_text(),
+        "final_line": report.final_line(), "folds": len(folded.changes), "times": times,
+        "export_seconds": report.onnx.get("export_seconds"), "provider": report.provider,
+        "max_abs": max((c.max_abs for c in outputs), default=0.0),
+        "max_scaled": max((c.scaled_error for c in outputs), default=0.0),
+        "atol_needed": max((c.atol_needed for c in outputs), default=0.0),
+        "rtol_needed": max((c.rtol_needed for c in outputs), default=0.0),
+        "scale": max((c.scale for c in outputs), default=0.0),
+        "batch_max_abs": max((r.batch.max_abs for r in report.checks if r.batch is not None), default=0.0),
+        "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
+
+
+def _worker(names: list[str], results: Any) -> None:
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            res = check_one(name)
+        except Exception:  # reported by the model's own test, with the traceback
+            res = {"name": name, "error": traceback.format_exc(limit=20)}
+        res["seconds"] = time.perf_counter() - t0
+        results.put(res)
+
+
+def schedule(names: list[str], workers: int) -> list[list[str]]:
+    """Longest first onto the least loaded worker; the huge models all on worker 0."""
+    lanes: list[list[str]] = [[] for _ in range(workers)]
+    load = [0.0] * workers
+    for n in [n for n in HUGE if n in names]:
+        lanes[0].append(n)
+        load[0] += COST.get(n, DEFAULT_COST)
+    rest = sorted((n for n in names if n not in HUGE), key=lambda n: -COST.get(n, DEFAULT_COST))
+    for n in rest:
+        i = min(range(workers), key=lambda k: load[k])
+        lanes[i].append(n)
+        load[i] += COST.get(n, DEFAULT_COST)
+    return [lane for lane in lanes if lane]
+
+
+class ZooRunner:
+    """Runs the selected models in worker processes; :meth:`result` waits for one of them."""
+
+    def __init__(self, names: list[str], workers: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.results = ctx.Queue()
+        self.done: dict[str, dict[str, Any]] = {}
+        self.procs = [ctx.Process(target=_worker, args=(lane, self.results), daemon=True)
+                      for lane in schedule(names, workers)]
+        for p in self.procs:
+            p.start()
+
+    def result(self, name: str, timeout: float = 1800.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while name not in self.done:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{name}: no result after {timeout:.0f}s")
+            try:
+                res = self.results.get(timeout=min(remaining, 10.0))
+            except queue.Empty:
+                if not any(p.is_alive() for p in self.procs):
+                    raise RuntimeError(f"{name}: the zoo workers exited without a result "
+                                       f"(exit codes {[p.exitcode for p in self.procs]}: out of memory?)") from None
+                continue
+            self.done[res["name"]] = res
+        return self.done[name]
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+
+
+@pytest.fixture(scope="session")
+def zoo(request: pytest.FixtureRequest):
+    selected = [item.callspec.params["name"] for item in request.session.items
+                if getattr(item, "originalname", "") == "test_checker_passes_clean_fold_and_export"
+                and hasattr(item, "callspec")]
+    workers = int(os.environ.get("NORMFOLD_ZOO_WORKERS", "2"))
+    runner = ZooRunner(selected, max(1, workers))
+    yield runner
+    runner.close()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_checker_passes_clean_fold_and_export(name: str, zoo: ZooRunner) -> None:
+    res = zoo.result(name)
+    assert "error" not in res, f"{name}: the check could not run:\n{res['error']}"
+    times = ", ".join(f"{k} {v:.1f}s" for k, v in res["times"].items())
+    print(f"\n{name}: input {res['size']}, {res['folds']} folds, max abs error {res['max_abs']:.3g} "
+          f"(scale {res['scale']:.3g}, scaled {res['max_scaled']:.2g}), batch probe {res['batch_max_abs']:.3g}; "
+          f"{times}; export {res['export_seconds']:.1f}s; {res['seconds']:.1f}s in all")
+    assert res["passed"], f"{name}: false alarm at the default tolerances:\n{res['text']}"
+    assert res["final_line"].startswith("PASSED")
