@@ -6,10 +6,11 @@ conversion, approximate conversion; median forward time and output error
 against the original) and one normalization layer on a ViT-B activation
 ``(batch, 197, 768)``. Run::
 
-    python benchmarks/rmsnorm.py [--batch 1 8] [--iters 20] [--threads 2]
+    python benchmarks/rmsnorm.py [--batch 1 8] [--iters 15] [--threads 2]
 
-Numbers depend on the machine and on what else runs on it: compare the
-columns of one run, not runs on different machines.
+Candidates are timed call by call in turn, and process CPU time is shown
+beside wall time: on a machine shared with other work, compare CPU times
+within one run, not runs on different machines.
 """
 
 from __future__ import annotations
@@ -41,33 +42,34 @@ def randomized_vit() -> nn.Module:
 
 
 @torch.inference_mode()
-def median_ms(fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def interleaved(fns: dict[str, Callable[[], object]], iters: int, warmup: int = 1) -> dict[str, tuple[float, float]]:
+    """(median wall ms, median process-CPU ms) per call, timing the candidates one call each in turn.
 
-
-def interleaved(fns: dict[str, Callable[[], object]], iters: int, rounds: int = 3, warmup: int = 1) -> dict[str, float]:
-    """Median over rounds that alternate the candidates, so a load change on the machine hits all of them."""
-    per: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            per[k].append(median_ms(fn, max(1, iters // rounds), warmup=warmup))
-    # the median of per-round medians: robust to another process taking the cores for a while
-    return {k: statistics.median(v) for k, v in per.items()}
+    On a shared machine the load changes from second to second; alternating call by call (rotating
+    who goes first) puts every candidate under the same load. Process CPU time (all threads) is
+    shown beside wall time because it hardly changes with what other processes do.
+    """
+    keys = list(fns)
+    for k in keys:
+        for _ in range(warmup):
+            fns[k]()
+    wall: dict[str, list[float]] = {k: [] for k in keys}
+    cpu: dict[str, list[float]] = {k: [] for k in keys}
+    for i in range(iters):
+        order = keys[i % len(keys):] + keys[:i % len(keys)]
+        for k in order:
+            c0, t0 = time.process_time(), time.perf_counter()
+            fns[k]()
+            wall[k].append((time.perf_counter() - t0) * 1e3)
+            cpu[k].append((time.process_time() - c0) * 1e3)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in keys}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--iters", type=int, default=15, help="timed forwards per model (split over 3 rounds)")
+    ap.add_argument("--iters", type=int, default=15, help="timed forwards per model")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (the median over rounds is shown)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -83,21 +85,23 @@ def main() -> None:
     print(f"conversion (mode='exact', incl. graph + 2 measuring forwards): {t_exact:.1f} s; "
           f"{exact.metrics['layers_exact']} LayerNorms exact, {len(exact.skipped)} skipped; norm classes: "
           f"{', '.join(sorted(kinds))}\n")
-    print("| batch | original ms | exact RMSNorm ms | speed-up | approx RMSNorm ms | exact max abs err | approx max abs err |")
+    print("| batch | original ms (CPU ms) | exact RMSNorm ms (CPU ms) | CPU-time ratio | approx RMSNorm ms (CPU ms) "
+          "| exact max abs err | approx max abs err |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for b in args.batch:
         x = x1.expand(b, -1, -1, -1).contiguous()
-        t = interleaved({"orig": lambda: original(x), "exact": lambda: exact.module(x),
-                         "approx": lambda: approx.module(x)}, args.iters, rounds=args.rounds)  # noqa: B023
+        t = interleaved({"orig": lambda: original(x), "exact": lambda: exact.module(x),  # noqa: B023
+                         "approx": lambda: approx.module(x)}, args.iters)  # noqa: B023
         with torch.inference_mode():
             ref = original(x)
             e_exact = (exact.module(x) - ref).abs().max().item()
             e_approx = (approx.module(x) - ref).abs().max().item()
-        print(f"| {b} | {t['orig']:.1f} | {t['exact']:.1f} | {t['orig'] / t['exact']:.3f}x | {t['approx']:.1f} | "
+        (ow, oc), (ew, ec), (aw, ac) = t["orig"], t["exact"], t["approx"]
+        print(f"| {b} | {ow:.0f} ({oc:.0f}) | {ew:.0f} ({ec:.0f}) | {ec / oc:.3f} | {aw:.0f} ({ac:.0f}) | "
               f"{e_exact:.2e} | {e_approx:.2e} |")
 
     print("\nOne normalization layer on a (batch, 197, 768) activation:\n")
-    print("| batch | LayerNorm us | RMSNorm us | RMSNorm + bias us | RMSNorm speed-up |")
+    print("| batch | LayerNorm us (CPU us) | RMSNorm us (CPU us) | RMSNorm + bias us (CPU us) | RMSNorm / LayerNorm CPU |")
     print("|---:|---:|---:|---:|---:|")
     ln = nn.LayerNorm(768, eps=1e-6)
     rms = nn.RMSNorm(768, eps=1e-6)
@@ -105,8 +109,10 @@ def main() -> None:
     for b in args.batch:
         a = torch.randn(b, 197, 768)
         t = interleaved({"ln": lambda: ln(a), "rms": lambda: rms(a), "rmsb": lambda: rmsb(a)},  # noqa: B023
-                        args.iters * 20, rounds=args.rounds, warmup=5)
-        print(f"| {b} | {t['ln'] * 1e3:.0f} | {t['rms'] * 1e3:.0f} | {t['rmsb'] * 1e3:.0f} | {t['ln'] / t['rms']:.2f}x |")
+                        args.iters * 20, warmup=5)
+        (lw, lc), (rw, rc), (bw, bc) = t["ln"], t["rms"], t["rmsb"]
+        print(f"| {b} | {lw * 1e3:.0f} ({lc * 1e3:.0f}) | {rw * 1e3:.0f} ({rc * 1e3:.0f}) | {bw * 1e3:.0f} "
+              f"({bc * 1e3:.0f}) | {rc / lc:.2f} |")
 
 
 if __name__ == "__main__":

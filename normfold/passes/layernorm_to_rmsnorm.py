@@ -1010,8 +1010,9 @@ def _capture(module: nn.Module, inputs: tuple, paths: list[str]) -> _Captured:
     handles = []
     for p in paths:
         def hook(m: nn.Module, args: tuple, out: Any, p: str = p) -> None:
-            ins[p].append(args[0].detach().clone())
-            outs[p].append(out.detach().clone())
+            if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                ins[p].append(args[0].detach().clone())
+                outs[p].append(out.detach().clone())
         handles.append(module.get_submodule(p).register_forward_hook(hook))
     try:
         with eval_mode(module), torch.no_grad():
@@ -1101,10 +1102,16 @@ def layernorm_to_rmsnorm(model: nn.Module, *, mode: str = "auto", example_inputs
     :class:`RMSNormWithBias`. ``example_inputs`` (a tensor or a tuple of
     positional inputs; inferred from the first layer when omitted) give the
     tensor shapes the analysis needs and the inputs on which the output error
-    is measured: ``metrics["layers"][path]`` has each layer's ``max_abs_error``,
-    ``rel_error`` (relative to the layer's max |output|) and
-    ``input_mean_over_rms``; ``metrics["output_max_abs_error"]`` and
-    ``metrics["output_rel_error"]`` are for the whole model.
+    is measured: ``metrics["layers"][path]`` has each layer's ``max_abs_error``
+    and ``rel_error`` (relative to the layer's max |output|) between its output
+    in the converted model and the LayerNorm's output in the original, on the
+    same inputs (so it includes what the layers before it changed), and
+    ``input_mean_over_rms`` (about 1e-7 in float32 where the swap is exact);
+    ``metrics["output_max_abs_error"]`` and ``metrics["output_rel_error"]`` are
+    for the whole model. ``metrics["exact_verified"]`` says whether every
+    exact layer's input was mean-free on the example inputs, and
+    ``metrics["output_within_tolerance"]`` (when every swap is exact) whether
+    the output matches within :data:`normfold.tolerances.LAYERNORM_TO_RMSNORM`.
     """
     if mode not in MODES:
         raise UsageError(f"layernorm_to_rmsnorm: mode must be one of {', '.join(MODES)}, got {mode!r}")
