@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Tolerance", "for_dtype", "FOLD", "RECALIBRATE", "LAYERNORM_TO_RMSNORM", "MEAN_FREE_RATIO"]
+__all__ = ["Tolerance", "for_dtype", "FOLD", "ZOO", "RECALIBRATE", "LAYERNORM_TO_RMSNORM", "MEAN_FREE_RATIO"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,11 @@ FOLD: dict[torch.dtype, Tolerance] = {
     torch.bfloat16: Tolerance(atol=5e-2, rtol=5e-2),
 }
 
+#: fold_batchnorm on whole float32 architectures (tests/zoo/test_fold_zoo.py): max |folded - original| over
+#: max |original| per output tensor (``rtol``; ``atol`` unused). Random weights and randomized BatchNorm
+#: statistics; the one rounding per folded weight, amplified by depth, measured at most 2.1e-6 over every
+#: torchvision classification model and 30 timm models (wide_resnet101_2, mobilenetv2_050): 5x headroom.
+ZOO = Tolerance(atol=0.0, rtol=1e-5)
 
 #: recalibrated BatchNorm statistics against a float64 reference over the same batches (normfold.recalibrate):
 #: per-batch statistics are reduced in the activation's dtype (float32: relative error ~1e-7, measured
