@@ -1,7 +1,8 @@
 """nf.recalibrate across 2 real processes (gloo on 127.0.0.1) against one process over the same batches.
 
 One spawn runs every scenario, to keep the test fast: population and
-cumulative on plain BatchNorm, population on a model converted to
+cumulative on plain BatchNorm, a DistributedDataParallel-wrapped model
+(unwrapped), population on a model converted to
 nn.SyncBatchNorm (eval on CPU), "ema" refused, and a bad batch on one rank
 that must fail both ranks (no hang) and leave both models untouched.
 Each rank writes what it ended with to a file; the parent compares.
@@ -73,6 +74,10 @@ def _worker(rank: int, port: int, outdir: str) -> None:
             out[estimator] = _bn_state(r.model)
             out[f"{estimator}.world_size"] = r.world_size
             out[f"{estimator}.count"] = [s.count for s in r.shifts]
+        ddp = nn.parallel.DistributedDataParallel(build_model())
+        r = recalibrate(ddp, mine, progress=False)
+        out["ddp"] = _bn_state(r.model)
+        out["ddp.kind"] = type(r.model).__name__
         sync = nn.SyncBatchNorm.convert_sync_batchnorm(build_model())
         r = recalibrate(sync, mine, progress=False)
         out["sync.kinds"] = sorted({type(m).__name__ for m in r.model.modules() if "Norm" in type(m).__name__})
@@ -141,6 +146,13 @@ def test_every_rank_ends_with_the_single_process_statistics(ranks: list[dict], e
     # all-reduced sums: every rank computes the same numbers, bit for bit
     for k in expected:
         assert torch.equal(ranks[0][estimator][k], ranks[1][estimator][k]), k
+
+
+def test_a_ddp_wrapped_model_is_unwrapped_and_recalibrated_like_the_plain_one(ranks: list[dict]) -> None:
+    for out in ranks:
+        assert out["ddp.kind"] == "Sequential"  # the inner module (a copy of it: inplace=False)
+        for k, v in out["population"].items():
+            assert torch.equal(out["ddp"][k], v), k
 
 
 def test_population_differs_from_averaging_the_ranks(ranks: list[dict]) -> None:
