@@ -821,7 +821,7 @@ class LayerNormToRMSNorm(Pass):
                     setattr(holder, name, nn.Parameter(copy_t, requires_grad=t.requires_grad))
                 else:
                     holder._buffers[name] = copy_t
-                result.changes.append(Change(self.name, "untie", (_slot_name((owner, name)), ws[0].desc.split(" ")[0]),
+                result.changes.append(Change(self.name, "untie", (_slot_name((owner, name)), _slot_name(ws[0].slots[0][:2])),
                                              f"untied {_slot_name((owner, name))} from {ws[0].desc}: the writer is "
                                              "centred, and this reader keeps the original values in its own copy",
                                              {"shape": tuple(t.shape)}))
