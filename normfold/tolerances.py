@@ -54,7 +54,8 @@ RECALIBRATE: dict[torch.dtype, Tolerance] = {
 
 #: layernorm_to_rmsnorm(mode="exact") against the original model: exact in real arithmetic, but centring the
 #: residual-stream writers changes the rounding of every stream sum, and RMSNorm rounds differently from
-#: LayerNorm (measured on the tests' models: see tests/passes/test_layernorm_to_rmsnorm.py).
+#: LayerNorm. Measured in float32: vit_b_16 (random weights) max abs output error 5.8e-6 (6.6e-6 at batch 4),
+#: the tests' small ViT/GPT/BERT models <= 3e-6: more than 15x headroom.
 LAYERNORM_TO_RMSNORM: dict[torch.dtype, Tolerance] = {
     torch.float64: Tolerance(atol=1e-10, rtol=1e-9),
     torch.float32: Tolerance(atol=1e-4, rtol=1e-3),
