@@ -103,11 +103,14 @@ class ModelGraph:
     """The dataflow of one model, from torch.fx or torch.export."""
 
     def __init__(self, root: nn.Module, nodes: list[GNode], source: str,
-                 graph_module: torch.fx.GraphModule | None = None, fx_error: str | None = None) -> None:
+                 graph_module: torch.fx.GraphModule | None = None, fx_error: str | None = None,
+                 *, fx_graph: torch.fx.Graph | None = None) -> None:
         self.root = root
         self.nodes = nodes
         self.source = source
-        self.graph_module = graph_module
+        self._graph_module = graph_module
+        #: a traced torch.fx Graph whose GraphModule is only built when someone asks for it
+        self._fx_graph = fx_graph
         self.fx_error = fx_error
         self.calls: dict[str, list[GNode]] = {}
         self.attr_reads: dict[str, list[GNode]] = {}
@@ -120,13 +123,33 @@ class ModelGraph:
         #: example inputs kept for :meth:`ensure_shapes` when shapes were not propagated at build time
         self.example_inputs: tuple | None = None
 
+    @property
+    def graph_module(self) -> torch.fx.GraphModule | None:
+        """The torch.fx GraphModule (None for a torch.export graph), built on first use.
+
+        Building it generates and compiles Python code, a third of the cost of
+        tracing; a pass that only reads the dataflow never pays it.
+        """
+        if self._graph_module is None and self._fx_graph is not None:
+            self._graph_module = torch.fx.GraphModule(self.root, self._fx_graph, class_name=type(self.root).__name__)
+        return self._graph_module
+
+    @graph_module.setter
+    def graph_module(self, gm: torch.fx.GraphModule | None) -> None:
+        self._graph_module = gm
+
+    @property
+    def has_graph_module(self) -> bool:
+        """True once :attr:`graph_module` has been built (it then holds its own submodule references)."""
+        return self._graph_module is not None
+
     def ensure_shapes(self, example_inputs: Any = None) -> bool:
         """Fill in node shapes now (one forward pass) if they are missing; True when they are known.
 
         ``build_graph(..., shapes=False)`` defers this forward pass, which costs
         as much as running the model, to the passes that actually need a shape.
         """
-        if self.graph_module is None:  # torch.export graphs always carry shapes
+        if self._graph_module is None and self._fx_graph is None:  # torch.export graphs always carry shapes
             return True
         if any(n.shape is not None for n in self.nodes):
             return True
@@ -206,7 +229,6 @@ def build_graph(model: nn.Module, example_inputs: Any = None, *, allow_export: b
             graph = _LeafTracer().trace(model)
         finally:
             _scrub_proxies(model)
-        gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
     except Exception as exc:  # symbolic tracing fails on data-dependent control flow and more
         fx_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.info("torch.fx could not trace %s (%s); trying torch.export", type(model).__name__, fx_error)
@@ -218,11 +240,11 @@ def build_graph(model: nn.Module, example_inputs: Any = None, *, allow_export: b
                 "(or --input-shape) so that torch.export can trace it instead"
             ) from exc
         return _graph_from_export(model, inputs, fx_error)
+    mg = _graph_from_fx(model, graph)
+    mg.example_inputs = inputs or None
     if inputs and shapes:
-        _propagate_shapes(model, gm, inputs)
-    graph = _graph_from_fx(model, gm)
-    graph.example_inputs = inputs or None
-    return graph
+        mg.ensure_shapes()
+    return mg
 
 
 def _scrub_proxies(model: nn.Module) -> None:
@@ -265,10 +287,10 @@ def _tensor_nodes(value: Any) -> list[torch.fx.Node]:
     return out
 
 
-def _graph_from_fx(model: nn.Module, gm: torch.fx.GraphModule) -> ModelGraph:
+def _graph_from_fx(model: nn.Module, fx_graph: torch.fx.Graph) -> ModelGraph:
     by_fx: dict[torch.fx.Node, GNode] = {}
     nodes: list[GNode] = []
-    for n in gm.graph.nodes:
+    for n in fx_graph.nodes:
         op = {"placeholder": "input", "call_module": "module", "call_function": "function",
               "call_method": "method", "get_attr": "attr", "output": "output"}[n.op]
         g = GNode(name=n.name, op=op, target=n.target, fx_node=n)
@@ -282,7 +304,7 @@ def _graph_from_fx(model: nn.Module, gm: torch.fx.GraphModule) -> ModelGraph:
         for a in g.args:
             if g not in a.users:
                 a.users.append(g)
-    return ModelGraph(model, nodes, "fx", graph_module=gm)
+    return ModelGraph(model, nodes, "fx", fx_graph=fx_graph)
 
 
 # ----------------------------------------------------------------------------------------------

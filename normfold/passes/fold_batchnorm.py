@@ -263,7 +263,7 @@ class FoldBatchNorm(Pass):
             return skip(reason, producer_path)
         remnant = batchnorm_remnant(bn)
         set_submodule(graph.root, bn_path, remnant)
-        if graph.graph_module is not None:
+        if graph.has_graph_module:
             # The GraphModule holds its own references to the leaf modules; keep it in step in case
             # a functional fold makes it the returned module.
             set_submodule(graph.graph_module, bn_path, remnant)
