@@ -309,8 +309,8 @@ def walk_backward(d: Dialect, bn_node: torch.fx.Node, bn_input: torch.fx.Node, n
     def up(node: torch.fx.Node, reader: torch.fx.Node, depth: int) -> Any:
         users = d.value_users(node)
         if len(users) != 1 or users[0] is not reader:
-            others = [d.describe(u) for u in users if u is not reader]
-            return f"{d.describe(node)} output has {len(users)} readers (also {', '.join(others) or 'unknown'})"
+            others = _summarize([d.describe(u) for u in users if u is not reader])
+            return f"{d.describe(node)} output has {len(users)} readers (also {others or 'unknown'})"
         p = d.producer(node)
         if isinstance(p, str):
             return p
@@ -346,8 +346,8 @@ def walk_backward(d: Dialect, bn_node: torch.fx.Node, bn_input: torch.fx.Node, n
             if depth == 0:
                 return (r.reason.replace("reads it", "feeds it") if not isinstance(r, Consumer) and r.reason
                         else f"its input is {d.describe(node)}, not a Conv, ConvTranspose or Linear")
-            why = f" ({r.reason})" if not isinstance(r, Consumer) and r.reason else ""
-            return f"{d.describe(node)} between the producer and the BatchNorm does not carry the affine{why}"
+            return (f"the path up to the producer goes through {d.describe(node)}, which does not carry a "
+                    "per-channel affine")
         idx = up(src, node, depth + 1)
         if isinstance(idx, str):
             return idx
@@ -386,6 +386,16 @@ def walk_backward(d: Dialect, bn_node: torch.fx.Node, bn_input: torch.fx.Node, n
         sel = (fmap >= off) & (fmap < off + p.out_channels)
         parts.append(BackwardPart(p, node, torch.nonzero(sel).flatten(), fmap[sel] - off))
     return BackwardPlan(parts, constraints, ops)
+
+
+def _summarize(items: list[str], limit: int = 4) -> str:
+    """``a, b, c x 12`` : repeated descriptions counted, at most ``limit`` distinct ones listed."""
+    counts: dict[str, int] = {}
+    for it in items:
+        counts[it] = counts.get(it, 0) + 1
+    parts = [f"{k} x {v}" if v > 1 else k for k, v in counts.items()]
+    more = len(parts) - limit
+    return ", ".join(parts[:limit]) + (f" and {more} more" if more > 0 else "")
 
 
 def zero_shifts(affine: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
