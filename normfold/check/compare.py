@@ -67,6 +67,9 @@ class OutputComparison:
         kw = {k: v for k, v in d.items() if k in names}
         kw["reference_shape"] = tuple(kw.get("reference_shape", ()))
         kw["candidate_shape"] = tuple(kw.get("candidate_shape", ()))
+        for f in fields(cls):
+            if f.type == "float" and f.name in kw:
+                kw[f.name] = float(kw[f.name])  # JSON writes NaN/Infinity as strings
         return cls(**kw)
 
     def summary(self) -> str:

@@ -64,7 +64,8 @@ class Divergence:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Divergence":
-        return cls(**{k: d[k] for k in ("path", "kind", "scaled_error", "max_abs", "checked")}, note=d.get("note", ""))
+        return cls(path=d["path"], kind=d["kind"], scaled_error=float(d["scaled_error"]), max_abs=float(d["max_abs"]),
+                   checked=int(d["checked"]), note=d.get("note", ""))
 
 
 def _kind(m: nn.Module) -> str | None:

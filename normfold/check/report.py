@@ -228,8 +228,8 @@ class CheckReport:
         }
 
     def to_json(self, *, indent: int | None = 2) -> str:
-        """JSON text; :meth:`from_json` reads it back into an equal report (NaN is written as NaN, as Python does)."""
-        return json.dumps(self.to_dict(), indent=indent)
+        """Strict JSON (non-finite numbers as the strings "NaN", "Infinity", "-Infinity"); :meth:`from_json` reads it back."""
+        return json.dumps(_strict(self.to_dict()), indent=indent, allow_nan=False)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CheckReport":
@@ -279,6 +279,19 @@ class CheckReport:
                 out.text = detail
         ET.indent(root)
         return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def _strict(value: Any) -> Any:
+    """Replace non-finite floats by the strings Python's float() reads back, so the JSON is standard."""
+    if isinstance(value, float) and value != value:
+        return "NaN"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
 
 
 def environment() -> dict[str, str]:

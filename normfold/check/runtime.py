@@ -47,6 +47,10 @@ PROVIDER_ALIASES: dict[str, str] = {
 }
 
 
+#: the last reason onnxruntime gave for each provider that did not start, in this process
+_LAST_REASON: dict[str, str] = {}
+
+
 def short_provider(name: str) -> str:
     """``CUDAExecutionProvider`` -> ``cuda`` (names without an alias come back unchanged)."""
     for short, full in PROVIDER_ALIASES.items():
@@ -81,14 +85,14 @@ def resolve_providers(providers: Sequence[str] | str) -> list[str]:
 def _capture_fd2() -> Iterator[list[str]]:
     """Capture what C++ code writes to file descriptor 2 (onnxruntime's default logger) into a list of lines."""
     lines: list[str] = []
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, ValueError, OSError):  # no real stderr (some notebooks): nothing to capture
-        yield lines
-        return
+    fd = 2  # onnxruntime's C++ logger writes to file descriptor 2 whatever Python's sys.stderr is (pytest, notebooks)
     with contextlib.suppress(Exception):
         sys.stderr.flush()
-    saved = os.dup(fd)
+    try:
+        saved = os.dup(fd)
+    except OSError:  # no file descriptor 2 at all: nothing to capture
+        yield lines
+        return
     with tempfile.TemporaryFile(mode="w+b") as tmp:
         os.dup2(tmp.fileno(), fd)
         try:
@@ -230,7 +234,11 @@ def create_session(model: str | os.PathLike | bytes | Any, providers: Sequence[s
     used = list(sess.get_providers())
     for p in asked:
         if p not in used:
-            not_started[p] = _fallback_reason(p, lines)
+            reason = _fallback_reason(p, lines)
+            if reason.endswith("(it printed no reason)") and p in _LAST_REASON:
+                reason = _LAST_REASON[p]  # onnxruntime may say it only once per process
+            _LAST_REASON[p] = reason
+            not_started[p] = reason
     # keep lines that are not onnxruntime's on stderr, where they were going
     foreign = [ln for ln in lines if "onnxruntime" not in ln.lower() and "ExecutionProvider" not in ln]
     if foreign:

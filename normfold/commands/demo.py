@@ -1,9 +1,12 @@
-"""Run the whole pipeline on a built-in model: fold BatchNorm, compare, report.
+"""Run the whole pipeline on a built-in model: fold BatchNorm, export to ONNX, check, report.
 
 No arguments, no files, no network: builds normfold's demo CNN (random
 weights, non-trivial BatchNorm statistics, foldable and deliberately
-unfoldable BatchNorms), folds it, compares the folded model with the original
-on seeded inputs and prints the report.
+unfoldable BatchNorms), folds it, exports the folded model with the dynamo
+exporter, and checks original (PyTorch, eval), folded (PyTorch) and ONNX
+(onnxruntime, CUDA if it really starts, CPU otherwise) stage by stage on
+seeded inputs, with every probe. Prints what was folded and the checker's
+report; the last line is PASSED or FAILED. --save-onnx keeps the ONNX file.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ import argparse
 
 from rich.console import Console
 
-from normfold.commands._common import Command, final_line, print_comparison, print_pass_result, verify
+from normfold.commands._checking import add_report_arguments, print_report, write_reports
+from normfold.commands._common import Command, final_line, print_pass_result
+from normfold.check.checker import check
 from normfold.demo import DEMO_INPUT_SHAPE, build_demo_model
+from normfold.errors import UsageError
 from normfold.inputs import random_inputs
 from normfold.passes.fold_batchnorm import fold_batchnorm
 
@@ -23,16 +29,22 @@ class DemoCommand(Command):
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("--seed", type=int, default=0, help="seed of the model and the inputs (default 0)")
+        p.add_argument("--save-onnx", metavar="FILE", help="keep the exported ONNX file")
+        add_report_arguments(p)
 
     def run(self, args: argparse.Namespace, console: Console) -> int:
+        if args.save_onnx and not args.save_onnx.endswith(".onnx"):
+            raise UsageError(f"--save-onnx {args.save_onnx}: give the file a .onnx suffix")
         model = build_demo_model(args.seed)
         inputs = random_inputs([DEMO_INPUT_SHAPE], seed=args.seed)
         console.print(f"demo model: {type(model).__name__}, input {tuple(DEMO_INPUT_SHAPE)}, seed {args.seed}")
         result = fold_batchnorm(model, example_inputs=inputs)
         print_pass_result(console, result, title="fold_batchnorm")
-        v = verify(model, result.module, inputs)
-        print_comparison(console, v)
-        status = "PASSED" if v.passed else "FAILED"
-        final_line(f"{status}: folded {len(result.changes)} BatchNorm layer(s), left {len(result.skipped)} alone; "
-                   f"max abs error {v.max_abs:.3g}, max rel error {v.max_rel:.3g}")
-        return 0 if v.passed else 1
+        with console.status("checking") as status:
+            report = check(model, candidate=result.module, inputs=inputs, seed=args.seed, save_onnx=args.save_onnx,
+                           progress=status.update)
+        print_report(console, report, verbose=getattr(args, "verbose", False))
+        write_reports(args, report, console)
+        final_line(f"{report.final_line()}; folded {len(result.changes)} BatchNorm layer(s), "
+                   f"left {len(result.skipped)} alone")
+        return 0 if report.passed else 1

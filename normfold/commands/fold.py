@@ -6,12 +6,21 @@ input as <stem>.folded<suffix> (or -o OUT), never over the input. Prints what
 was folded, what was left alone and why, and the max abs and relative error.
 Exit 0 when the folded model matches, 1 when it does not (nothing is written
 then), 2 on bad input.
+
+--onnx OUT.onnx also exports the folded model (dynamo exporter, dynamic batch)
+and compares it in onnxruntime with the original; --check runs the full
+checker on the way (the stages, every probe, the report of `normfold check`,
+--json/--junit-xml), with or without --onnx. Nothing is written unless every
+comparison passes.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+import tempfile
+from pathlib import Path
 
 from rich.console import Console
 
@@ -21,9 +30,11 @@ from normfold.check.compare import compare_outputs
 from normfold.commands._common import (Command, Verification, add_model_arguments, add_output_argument, final_line,
                                        load_from_args, output_path, print_comparison, print_pass_result,
                                        resolve_inputs, verify, working_copy, write_model)
+from normfold.commands._checking import add_check_arguments, print_report, run_check, write_reports
 from normfold.errors import InputError, UsageError
+from normfold.export import move_onnx
 from normfold.inputs import parse_shape, random_inputs
-from normfold.io import LoadedModel
+from normfold.io import LoadedModel, check_output_path
 from normfold.tolerances import for_dtype
 from normfold.passes.fold_batchnorm import fold_batchnorm
 
@@ -34,10 +45,21 @@ class FoldCommand(Command):
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         add_model_arguments(p)
         add_output_argument(p, "folded")
+        p.add_argument("--onnx", metavar="OUT.onnx", help="also export the folded model to ONNX, checked in onnxruntime")
+        p.add_argument("--check", action="store_true", help="run the full checker (probes, report) before writing")
+        p.add_argument("--opset", type=int, default=None, help="ONNX opset of --onnx (default: from the norm layers)")
+        add_check_arguments(p)
 
     def run(self, args: argparse.Namespace, console: Console) -> int:
+        if args.onnx is not None:
+            if Path(args.onnx).suffix != ".onnx":
+                raise UsageError(f"--onnx {args.onnx}: give the ONNX file a .onnx suffix")
+            check_output_path(args.onnx, args.model)
         loaded = load_from_args(args)
         if loaded.kind == "exported":
+            if args.onnx or args.check:
+                raise UsageError("--onnx and --check work on nn.Module models; fold the .pt2, then run "
+                                 "`normfold check` on the result")
             return _fold_exported(args, console, loaded)
         original = loaded.module
         inputs = resolve_inputs(args, original, console)
@@ -50,10 +72,41 @@ class FoldCommand(Command):
             final_line(f"FAILED: the folded model differs from the original (max abs error {v.max_abs:.3g}, "
                        f"max rel error {v.max_rel:.3g}); nothing written")
             return 1
-        out = write_model(args, loaded, result.module, "folded")
-        final_line(f"folded {folded} BatchNorm layer(s), left {len(result.skipped)} alone; max abs error "
-                   f"{v.max_abs:.3g}, max rel error {v.max_rel:.3g}; wrote {out}")
+        if args.onnx is None and not args.check:
+            out = write_model(args, loaded, result.module, "folded")
+            final_line(f"folded {folded} BatchNorm layer(s), left {len(result.skipped)} alone; max abs error "
+                       f"{v.max_abs:.3g}, max rel error {v.max_rel:.3g}; wrote {out}")
+            return 0
+        return _export_and_check(args, console, loaded, original, result.module, inputs, folded,
+                                 len(result.skipped))
+
+
+def _export_and_check(args: argparse.Namespace, console: Console, loaded: LoadedModel, original: torch.nn.Module,
+                      folded_model: torch.nn.Module, inputs: tuple, folds: int, left: int) -> int:
+    """--onnx / --check: export to a temporary file, check, then write the model (and the ONNX file) if it passed."""
+    tmpdir = Path(tempfile.mkdtemp(prefix=".normfold-fold-", dir=Path(args.onnx).parent if args.onnx else None))
+    try:
+        onnx_tmp = tmpdir / (Path(args.onnx).name if args.onnx else "folded.onnx")
+        if not args.check:
+            args.no_probes = True  # --onnx alone: compare the outputs; --check adds the probes
+        report = run_check(args, console, original, candidate=folded_model, inputs=inputs, seed=args.seed,
+                           opset=args.opset, save_onnx=onnx_tmp)
+        if args.check or not report.passed:
+            print_report(console, report, verbose=args.verbose)
+        if args.onnx:  # where the checked file ends up (or, when the check fails, that it is not written)
+            report.onnx["path"] = str(args.onnx) if report.passed else None
+        write_reports(args, report, console)
+        if not report.passed:
+            final_line(f"{report.final_line()}; nothing written")
+            return 1
+        wrote = [str(write_model(args, loaded, folded_model, "folded"))]
+        if args.onnx:
+            wrote.append(str(move_onnx(onnx_tmp, args.onnx)))
+        final_line(f"{report.final_line()}; folded {folds} BatchNorm layer(s), left {left} alone; "
+                   f"wrote {', '.join(wrote)}")
         return 0
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def _fold_exported(args: argparse.Namespace, console: Console, loaded: LoadedModel) -> int:

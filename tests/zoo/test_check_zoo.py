@@ -55,11 +55,23 @@ MODELS = torchvision.models.list_models(module=torchvision.models)
 
 
 def _build(name: str) -> torch.nn.Module:
+    """The model with seeded random weights, in eval; no weight left at zero (ViT's zero-initialized head
+    would make every output 0 and every comparison pass trivially)."""
+    from tests.conftest import fast_random_init
+
     kw: dict[str, Any] = {}
     if name in {"googlenet", "inception_v3"}:
         kw = {"init_weights": True, "aux_logits": False}  # the aux heads only run in training mode
     torch.manual_seed(0)
-    return torchvision.models.get_model(name, **kw).eval()
+    with fast_random_init(seed=0):
+        model = torchvision.models.get_model(name, **kw).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) and w is not None and not w.any():
+                w.copy_(torch.randn(w.shape, generator=g) / max(1, w[0].numel()) ** 0.5)
+    return model
 
 
 def check_one(name: str, *, threads: int = 1) -> dict[str, Any]:
@@ -69,6 +81,7 @@ def check_one(name: str, *, threads: int = 1) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     times: dict[str, float] = {}
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -96,6 +109,7 @@ def check_one(name: str, *, threads: int = 1) -> dict[str, Any]:
     t0 = time.perf_counter()
     report = nf.check(model, candidate=folded.module, inputs=x, threads=threads)
     times["check"] = time.perf_counter() - t0
+    times["cpu"] = time.process_time() - cpu0
     outputs = [c for r in report.checks if r.group == "outputs" for c in r.comparisons]
     return {
         "name": name, "size": x[0].shape[-1], "passed": report.passed, "text": report.to_text(),
@@ -112,7 +126,10 @@ def check_one(name: str, *, threads: int = 1) -> dict[str, Any]:
 
 
 def _worker(names: list[str], results: Any) -> None:
+    parent = os.getppid()
     for name in names:
+        if os.getppid() != parent:  # the test session is gone (killed): do not keep computing for nobody
+            return
         t0 = time.perf_counter()
         try:
             res = check_one(name)
