@@ -18,12 +18,16 @@ prints one markdown table row per tool:
   an idle machine is the wall time and on a shared one is not inflated by
   other processes; with more threads, wall time.
 * **peak extra memory**: the rise of the process's peak resident set size
-  during the call. Before each measurement the garbage collector runs, glibc's
-  ``malloc_trim(0)`` hands freed heap pages back to the OS, and the kernel's
-  peak counter is reset (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0);
-  then ``VmHWM - VmRSS(before)`` from ``/proc/self/status`` counts every byte
-  the call touched: tensors (torch's CPU allocator is invisible to
-  tracemalloc), the traced graph and other Python objects. Compared with the
+  during the call, measured in a fresh child process per (model, tool) so that
+  one measurement's allocator state cannot leak into the next. The child builds
+  the same model, warms the tool up once on another copy, then: the garbage
+  collector runs, glibc's ``malloc_trim(0)`` hands freed heap pages back to the
+  OS, the kernel's peak counter is reset (``echo 5 > /proc/self/clear_refs``,
+  Linux >= 4.0), the call runs, and ``VmHWM - VmRSS(before)`` from
+  ``/proc/self/status`` counts every byte it touched: tensors (torch's CPU
+  allocator is invisible to tracemalloc), the traced graph and other Python
+  objects. ``MALLOC_MMAP_THRESHOLD_=131072`` makes glibc map every large
+  block afresh, so a reused freed block cannot hide an allocation. Compared with the
   **folded layers' size**: the bytes of the weights and biases of the layers
   that received a fold.
 * **BN ops folded**: batch_norm ops that run in a forward pass (counted at the
@@ -140,7 +144,7 @@ def latency(models: dict[str, nn.Module], x: torch.Tensor, iters: int) -> dict[s
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+def _model_and_input(name: str, size: int) -> tuple[nn.Module, torch.Tensor]:
     import torchvision
 
     with warnings.catch_warnings():
@@ -148,7 +152,44 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         torch.manual_seed(0)
         model = torchvision.models.get_model(name).eval()
     randomize_bn_stats(model, seed=1)
-    x = (torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)) * 2 + 0.5)
+    x = (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 + 0.5)
+    return model, x
+
+
+_TOOLS: dict[str, Callable[[nn.Module, torch.Tensor], Any]] = {
+    "normfold": lambda m, x: nf.fold_batchnorm(m, inplace=True, example_inputs=(x,)),
+    "fuse": lambda m, x: fuse(m),
+    "fuse_inplace": lambda m, x: fuse(m, inplace=True),
+}
+
+
+def memory_child(name: str, tool: str, size: int) -> None:
+    """Runs in a child process: print the peak extra bytes of one tool on a fresh copy of one model."""
+    model, x = _model_and_input(name, size)
+    fn = _TOOLS[tool]
+    fn(copy.deepcopy(model), x)  # warm-up: imports, first-call caches
+    work = copy.deepcopy(model)
+    _, mem = measure_peak(lambda: fn(work, x))
+    print(f"MEMORY {mem if mem is not None else -1}")
+
+
+def measure_in_child(name: str, tool: str, args: argparse.Namespace) -> int | None:
+    import os
+    import subprocess
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    cmd = [sys.executable, __file__, "--memory-child", name, tool, "--size", str(args.size),
+           "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False).stdout
+    for line in out.splitlines():
+        if line.startswith("MEMORY "):
+            v = int(line.split()[1])
+            return None if v < 0 else v
+    return None
+
+
+def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    model, x = _model_and_input(name, args.size)
     ref, n_ops = run_counting(model, (x,))
     ref64, _ = run_counting(copy.deepcopy(model).double(), (x.double(),))
 
@@ -167,8 +208,9 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         result, t = timed(lambda: nf_fold(work))
         nf_times.append(t)
         del work, result
+    nf_mem = measure_in_child(name, "normfold", args)
     work = copy.deepcopy(model)
-    result, nf_mem = measure_peak(lambda: nf_fold(work))
+    result = nf_fold(work)
     folded = result.module
     out, n_after = run_counting(folded, (x,))
     _, nf_err = output_error(out, ref)
@@ -187,16 +229,15 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         fused, t = timed(lambda: fuse(work, inplace=True))
         fuse_ip_times.append(t)
         del fused, work
-    fused, fuse_mem = measure_peak(lambda: fuse(model))
+    fuse_mem = measure_in_child(name, "fuse", args)
+    fused = fuse(model)
     out_f, n_f = run_counting(fused, (x,))
     _, fuse_err = output_error(out_f, ref)
     _, fuse_err64 = output_error(out_f, ref64)
     fuse_folds = n_ops - n_f if fuse_err <= ZOO.rtol else 0
     rows.append(dict(model=name, tool="fuse", time=statistics.median(fuse_times), mem=fuse_mem, layers=None,
                      folded=fuse_folds, ops=n_ops, err=fuse_err, err64=fuse_err64))
-    work = copy.deepcopy(model)
-    _, fuse_ip_mem = measure_peak(lambda: fuse(work, inplace=True))
-    del work
+    fuse_ip_mem = measure_in_child(name, "fuse_inplace", args)
     rows.append(dict(model=name, tool="fuse (inplace=True)", time=statistics.median(fuse_ip_times),
                      mem=fuse_ip_mem, layers=None, folded=fuse_folds, ops=n_ops, err=fuse_err, err64=fuse_err64))
 
@@ -219,8 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--memory-child", nargs=2, metavar=("MODEL", "TOOL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(*args.memory_child, args.size)
+        return 0
     global CLOCK
     CLOCK = time.process_time if args.threads == 1 else time.perf_counter
 
