@@ -148,19 +148,31 @@ def fold_into_output_channels(producer: nn.Module, scale: torch.Tensor, shift: t
     # propagate NaN and are several times faster than vector_norm(ord=inf) on CPU.
     row_max = torch.maximum(v.amax(dim=2), -v.amin(dim=2)).to(torch.float64)
     largest = torch.zeros((), dtype=torch.float64, device=device)
-    for a, b, sc in blocks:
-        prod = row_max[a:b] * (sc[..., 0] if sc is not None else per_row[a:b, :, 0]).abs()
-        largest = torch.maximum(largest, prod.max() if prod.numel() else largest)
+    if v.numel() == 0:
+        pass
+    elif len(blocks) == 1 and blocks[0][2] is None:  # Conv / Linear: one scale per row
+        largest = (row_max.view(-1) * s.abs()).max()
+    else:
+        for a, b, sc in blocks:
+            prod = row_max[a:b] * sc[..., 0].abs()
+            largest = torch.maximum(largest, prod.max() if prod.numel() else largest)
     b64 = producer.bias.detach().to(torch.float64) if producer.bias is not None else torch.zeros_like(s)
     new_b = b64 * s + t
     cast_b = new_b.to(dtype)
-    if not (torch.isfinite(largest.to(dtype)) and torch.isfinite(cast_b).all()):
+    if not bool(torch.isfinite(largest.to(dtype)) & torch.isfinite(cast_b).all()):
         if torch.isfinite(largest) and torch.isfinite(new_b).all():
             return f"the folded weights overflow {str(dtype).replace('torch.', '')}"
         return "the folded weights are not finite (running_var + eps <= 0 or inf/NaN statistics)"
 
     rows_per_step = max(1, _CHUNK_ELEMS // max(1, v.shape[1] * v.shape[2]))
-    buf = torch.empty((min(rows_per_step, v.shape[0]), *v.shape[1:]), dtype=torch.float64, device=device)
+    if len(blocks) == 1 and blocks[0][2] is None and v.shape[0] <= rows_per_step:
+        blocks = []  # the whole layer is one step: no slicing (most layers; saves per-layer overhead)
+        with torch.no_grad():
+            buf = v.to(torch.float64)
+            buf.mul_(per_row)
+            v.copy_(buf)
+    else:
+        buf = torch.empty((min(rows_per_step, v.shape[0]), *v.shape[1:]), dtype=torch.float64, device=device)
     with torch.no_grad():
         for a, b, sc in blocks:
             for i in range(a, b, rows_per_step):
