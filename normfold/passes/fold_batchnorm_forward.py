@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -593,12 +594,7 @@ class FoldBatchNormForward(Pass):
             except TraceError as exc:
                 fx_error = str(exc)
         if graph is None:
-            why = (f"folding through reshapes and forward folding need a torch.fx trace ({fx_error})")
-            mods = dict(module.named_modules())
-            for path in self.prior_reasons:
-                if path in mods and is_batchnorm(mods[path]) and not isinstance(batchnorm_affine(mods[path]), str):
-                    result.skipped.append(Skip(self.name, (path,), f"{self.prior_reasons[path]}; {why}"))
-                    self.handled.add(path)
+            self._via_export(module, inputs, fx_error, result)
             result.metrics["graph_source"] = "export"
             return result
         candidates = []
@@ -625,6 +621,85 @@ class FoldBatchNormForward(Pass):
             self._one(d, node, m, result)
         result.metrics["graph_source"] = graph.source
         return result
+
+    # -- models torch.fx cannot trace ------------------------------------------------------------------
+    def _via_export(self, module: nn.Module, inputs: Any, fx_error: str | None, result: PassResult) -> None:
+        """Analyse the model's torch.export graph at the ATen level, then edit its modules by parameter name.
+
+        The ExportedProgram pass computes the folded weights under the same
+        rules; they are copied into the module's own Conv/Linear layers (the
+        parameter names of an export are the module paths), and each folded
+        BatchNorm module is replaced by its remnant. Only BatchNorms the direct
+        fold left (``prior_reasons``) are considered, and only layers whose
+        forward is the standard one receive weights.
+        """
+        mods = dict(module.named_modules())
+        wanted = {p for p in self.prior_reasons
+                  if p in mods and is_batchnorm(mods[p]) and not isinstance(batchnorm_affine(mods[p]), str)
+                  and not mods[p]._forward_hooks and not mods[p]._forward_pre_hooks}
+
+        def give_up(why: str) -> None:
+            for p in sorted(wanted):
+                result.skipped.append(Skip(self.name, (p,), f"{self.prior_reasons[p]}; {why}"))
+                self.handled.add(p)
+
+        if not wanted:
+            return
+        if inputs is None:
+            inputs = _maybe_infer_inputs(module)
+        if inputs is None:
+            return give_up(f"folding through reshapes and forward folding need a trace ({fx_error}); "
+                           "pass example_inputs so that torch.export can trace it")
+        from normfold.graph import eval_mode
+        from normfold.passes.fold_exported import FoldExportedProgram
+
+        try:
+            with eval_mode(module), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ep = torch.export.export(module, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,),
+                                         strict=False)
+        except Exception as exc:  # the direct fold traced it; a second export failing is not the user's problem
+            return give_up(f"torch.export failed for forward folding ({type(exc).__name__})")
+        dry = FoldExportedProgram(forward=self.forward, weight_standardization=False, only=wanted)(ep)
+        ok: set[str] = set()
+        for c in dry.changes:
+            layers = [mods.get(p) for p in c.paths[1:]]
+            if c.paths[0] in wanted and all(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+                                            and producer_problem(m) is None for m in layers):
+                ok.add(c.paths[0])
+        # fold again with only the BatchNorms whose layers can take the weights, so that no layer carries a
+        # fold that is not applied to the module
+        done = FoldExportedProgram(forward=self.forward, weight_standardization=False, only=ok)(ep, inplace=True) \
+            if ok else dry
+        state = done.program.state_dict if ok else {}
+        for c in (done.changes if ok else []):
+            bn_path = c.paths[0]
+            bn = mods[bn_path]
+            for lp in c.paths[1:]:
+                layer = mods[lp]
+                with torch.no_grad():
+                    layer.weight.copy_(state[f"{lp}.weight"])
+                    if layer.bias is not None:
+                        layer.bias.copy_(state[f"{lp}.bias"])
+                    elif f"{lp}.bias" in state:
+                        layer.bias = nn.Parameter(state[f"{lp}.bias"].detach().clone(),
+                                                  requires_grad=layer.weight.requires_grad)
+            set_submodule(module, bn_path, batchnorm_remnant(bn))
+            names = ", ".join(f"{p} ({type(mods[p]).__name__})" for p in c.paths[1:])
+            through = c.details.get("through") or []
+            direction = "forward into" if c.action == "fold_forward" else "into"
+            result.changes.append(Change(self.name, c.action, c.paths,
+                                         f"folded {bn_path} ({type(bn).__name__}) {direction} {names}"
+                                         + (f" through {', '.join(through)}" if through else "")
+                                         + " (traced with torch.export)", dict(c.details)))
+            self.handled.add(bn_path)
+        reasons = {s.paths[0]: s.reason for s in dry.skipped if s.paths}
+        for p in sorted(wanted - self.handled):
+            why = reasons.get(p, "its layers cannot take the folded weights (a Conv/Linear with its own forward)")
+            if p in ok or any(c.paths[0] == p for c in dry.changes):
+                why = "a layer it would fold into has its own forward()"
+            result.skipped.append(Skip(self.name, (p,), f"{self.prior_reasons[p]}; forward (torch.export): {why}"))
+            self.handled.add(p)
 
     def _one(self, d: ModuleDialect, node: torch.fx.Node, bn: nn.Module, result: PassResult) -> None:
         path = node.target

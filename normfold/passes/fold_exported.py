@@ -617,9 +617,13 @@ class FoldExportedProgram(Pass):
 
     name = "fold_batchnorm"
 
-    def __init__(self, *, forward: bool = True, weight_standardization: bool = True) -> None:
+    def __init__(self, *, forward: bool = True, weight_standardization: bool = True,
+                 only: set[str] | None = None) -> None:
         self.forward = forward
         self.weight_standardization = weight_standardization
+        #: fold only the BatchNorms at these module paths (the nn.Module pass uses this for models torch.fx
+        #: cannot trace); the others are left as they are, without a record
+        self.only = only
 
     def __call__(self, program: Any, *, inplace: bool = False) -> ExportedPassResult:  # type: ignore[override]
         if not isinstance(program, ExportedProgram):
@@ -695,10 +699,14 @@ class FoldExportedProgram(Pass):
     def _one(self, prog: _Program, d: AtenDialect, node: torch.fx.Node, result: ExportedPassResult) -> None:
         parsed = self._parse(prog, node)
         where = _stack_path(node) or node.name
+        if isinstance(parsed, str) and self.only is not None and where not in self.only:
+            return
         if isinstance(parsed, str):
             result.skipped.append(Skip(self.name, (where,), parsed))
             return
         bn = parsed
+        if self.only is not None and bn.path not in self.only:
+            return
         affine = self._affine(prog, bn)
         back = walk_backward(d, bn.node, bn.input, affine.num_features)
         if not isinstance(back, str):

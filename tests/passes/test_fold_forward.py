@@ -597,3 +597,39 @@ def test_property_random_chains_never_change_outputs(ops, consumer_pad, groups, 
         assert not folded
     if not zero_t and (consumer_pad or "zero_pad" in ops or "avgpool_pad" in ops):
         assert not folded
+
+
+# ----------------------------------------------------------------------------------------------
+# a model torch.fx cannot trace: analysed on its torch.export graph, edited as modules
+
+
+class ShapeBranching(nn.Module):
+    """Control flow on a shape: torch.fx cannot trace it, torch.export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+        self.head = LinearNorm(6, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(torch.relu(self.conv(x)))
+        if y.shape[-1] > 2:
+            y = y.flatten(2).transpose(1, 2)  # (N, HW, C)
+        return self.fc(torch.tanh(self.head(y)))
+
+
+def test_untraceable_model_folds_through_torch_export() -> None:
+    torch.manual_seed(0)
+    m = ShapeBranching().eval()
+    randomize_bn_stats(m, 6)
+    x = _x(2, 3, 6, 6)
+    r = fold(m, x)
+    assert r.metrics.get("graph_source") == "export"
+    got = {c.paths: c.action for c in r.changes}
+    assert got == {("bn", "head.linear"): "fold_forward", ("head.bn", "head.linear"): "fold"}, r.changes
+    assert all("torch.export" in c.message for c in r.changes)
+    assert type(r.module) is ShapeBranching and isinstance(r.module.bn, nn.Identity)
+    assert_models_close(r.module, m, (x,))
+    assert run_counting(r.module, (x,))[1] == 0
