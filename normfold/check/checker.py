@@ -67,6 +67,8 @@ def _resolve_inputs(reference: nn.Module, inputs: Any, input_shapes: Sequence[Se
         return random_inputs(shapes, seed=seed, dtype=dtype, device=device), source
     inferred = infer_input_shapes(reference)
     x = random_inputs(inferred.shapes, seed=seed, dtype=dtype, device=device, integer_high=inferred.integer_high)
+    if inferred.integer_high is not None:
+        source = f"random token ids in [0, {inferred.integer_high})"
     return x, source + f"; {inferred.reason}"
 
 
@@ -251,7 +253,7 @@ def check(reference: nn.Module, *, candidate: nn.Module | None = None, onnx: Any
         say("batch independence (eager)")
         t0 = time.perf_counter()
         probe = batch_independence(lambda feed: _run_eager(eager_model, feed), x, seed=seed, tol=tol,
-                                   batch_sizes=sizes)
+                                   batch_sizes=sizes, known=cand_out if cand_model is not None else ref_out)
         checks.append(_batch_check("batch_independence[eager]", probe, time.perf_counter() - t0, sizes))
 
     # -- stage 3: ONNX in onnxruntime -------------------------------------------------------------------
@@ -294,7 +296,7 @@ def check(reference: nn.Module, *, candidate: nn.Module | None = None, onnx: Any
                 onnx_info["source"] = "exported from the candidate" if cand_model is not None else \
                     "exported from the original"
                 proto = res.model_proto if res.model_proto is not None else _load_graph(res.path)
-                src = res.model_proto if res.model_proto is not None else str(res.path)
+                src = res.model_bytes if res.model_bytes is not None else str(res.path)
         else:
             onnx_skip_reason = "no ONNX model given (and export=False)"
 
@@ -343,8 +345,7 @@ def check(reference: nn.Module, *, candidate: nn.Module | None = None, onnx: Any
                     checks.append(CheckResult("outputs[onnx]", FAILED if onnx_failed else PASSED, msg, secs,
                                               comparisons=cs, details=details))
             if probes:
-                _onnx_probes(checks, proto, runtime, x, seed, tol, sizes, candidate if candidate is not None else None,
-                             say)
+                _onnx_probes(checks, proto, runtime, x, seed, tol, sizes, candidate, say, onnx_out)
         else:
             reason = onnx_skip_reason or "no ONNX model"
             stages.append(StageInfo("onnx", reason, False))
@@ -429,7 +430,7 @@ def _load_graph(path: Path | str | None) -> Any:
 
 def _onnx_probes(checks: list[CheckResult], proto: Any, runtime: OrtRuntime | None, x: Sequence[torch.Tensor],
                  seed: int, tol: Tolerance, sizes: Sequence[int], candidate: nn.Module | None,
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], known: Mapping[str, torch.Tensor] | None) -> None:
     t0 = time.perf_counter()
     checks.append(_findings_check("training_mode[onnx]", onnx_training_findings(proto),
                                   "no training-mode op in the graph (BatchNormalization training_mode=0, no Dropout, "
@@ -449,7 +450,9 @@ def _onnx_probes(checks: list[CheckResult], proto: Any, runtime: OrtRuntime | No
     def run(feed: tuple) -> dict[str, torch.Tensor]:
         return {f"out.{i}": t for i, t in enumerate(runtime.run(feed))}
 
-    probe = batch_independence(run, x, seed=seed, tol=tol, batch_sizes=sizes)
+    # the main run's outputs are named like the reference's; the probe's runs by position
+    reuse = {f"out.{i}": t for i, t in enumerate(known.values())} if known is not None else None
+    probe = batch_independence(run, x, seed=seed, tol=tol, batch_sizes=sizes, known=reuse)
     checks.append(_batch_check("batch_independence[onnx]", probe, time.perf_counter() - t0, sizes))
 
 
@@ -471,7 +474,10 @@ def _localize(blamed: str, ref: nn.Module, cand_model: nn.Module | None, exporte
         for path, _ in order:
             calls[path] = calls.get(path, 0) + 1
         if any(init.data_location == 1 for init in proto.graph.initializer):
-            return None  # weights outside the proto: the in-memory copy with extra outputs cannot be built cheaply
+            # the weights live in a data file beside the model: a copy with extra outputs would have to rewrite it
+            return loc.Divergence("", "", float("nan"), float("nan"), 0,
+                                  note="the model keeps its weights as external data (over 2 GB): layer-by-layer "
+                                       "comparison is not done for such models")
         onnx_vals = loc.onnx_record(proto, rows, calls, providers, threads)
         if not onnx_vals:
             return loc.Divergence("", "", float("nan"), float("nan"), 0,

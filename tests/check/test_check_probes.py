@@ -172,3 +172,22 @@ def test_batch_independence_with_token_ids_and_custom_sizes() -> None:
     ids = (torch.randint(0, 50, (2, 5)),)
     p = batch_independence(_eager(emb), ids, seed=3, tol=TOL, batch_sizes=(1, 3))
     assert p.passed and p.batch_sizes == [1, 3] and set(p.comparisons) == {3}
+
+
+def test_batch_independence_reuses_the_stage_main_run() -> None:
+    lin = nn.Linear(4, 2)
+    seen: list[int] = []
+
+    def run(feed):
+        seen.append(feed[0].shape[0])
+        with torch.no_grad():
+            return {"out": lin(feed[0])}
+
+    x = (torch.randn(2, 4),)
+    with torch.no_grad():
+        known = {"out": lin(x[0])}
+    p = batch_independence(run, x, seed=0, tol=TOL, known=known)
+    assert p.passed and seen == [1, 8] and set(p.comparisons) == {2, 8}
+    # a wrong main run is caught like any other batch size
+    p = batch_independence(run, x, seed=0, tol=TOL, known={"out": known["out"] + 1})
+    assert not p.passed and any(f.startswith("batch 2") for f in p.failures())
