@@ -11,6 +11,9 @@ BatchNorm still in the model and tries, in order:
    tracks which output feature of the producer lands in which BatchNorm
    channel, so timm LeViT's ``LinearNorm`` (``bn(linear(x).flatten(0, 1)).reshape_as(x)``)
    folds into the Linear's output features, exactly as a direct fold would.
+   A ``cat`` along the channel axis splits the BatchNorm between the
+   producers of its inputs (timm's MixedConv2d: split -> convs -> cat -> BN):
+   ``BN(cat(y1, y2)) = cat(BN1(y1), BN2(y2))`` with ``BNi`` the channels of ``yi``.
 
 2. **Forward.** The BatchNorm output ``y = s*x + t`` reaches Conv / Linear
    consumers only, through ops that carry the affine. Each consumer computes
@@ -31,6 +34,9 @@ BatchNorm still in the model and tries, in order:
 
 Backward is preferred (it is tried first). A BatchNorm that folds neither way
 is skipped with both reasons, naming the op or consumer that blocks it.
+A model torch.fx cannot trace is analysed on its torch.export graph by the
+ATen-level pass (:mod:`normfold.passes.fold_exported`, same rules) and the
+folded weights are written back into its own modules by parameter name.
 Weights are computed in float64 and cast back; a fold whose result does not
 fit the dtype is refused. Edits are made on the modules (the BatchNorm
 becomes ``nn.Identity``), so the caller gets their own class back.
