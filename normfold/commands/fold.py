@@ -17,7 +17,6 @@ comparison passes.
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -67,22 +66,20 @@ class FoldCommand(Command):
         print_pass_result(console, result, title="fold_batchnorm", verbose=args.verbose)
         v = verify(original, result.module, inputs)
         print_comparison(console, v)
-        folded = len(result.changes)
         if not v.passed:
             final_line(f"FAILED: the folded model differs from the original (max abs error {v.max_abs:.3g}, "
                        f"max rel error {v.max_rel:.3g}); nothing written")
             return 1
         if args.onnx is None and not args.check:
             out = write_model(args, loaded, result.module, "folded")
-            final_line(f"folded {folded} BatchNorm layer(s), left {len(result.skipped)} alone; max abs error "
-                       f"{v.max_abs:.3g}, max rel error {v.max_rel:.3g}; wrote {out}")
+            final_line(f"{fold_summary(result)}; max abs error {v.max_abs:.3g}, max rel error {v.max_rel:.3g}; "
+                       f"wrote {out}")
             return 0
-        return _export_and_check(args, console, loaded, original, result.module, inputs, folded,
-                                 len(result.skipped))
+        return _export_and_check(args, console, loaded, original, result.module, inputs, fold_summary(result))
 
 
 def _export_and_check(args: argparse.Namespace, console: Console, loaded: LoadedModel, original: torch.nn.Module,
-                      folded_model: torch.nn.Module, inputs: tuple, folds: int, left: int) -> int:
+                      folded_model: torch.nn.Module, inputs: tuple, summary: str) -> int:
     """--onnx / --check: export to a temporary file, check, then write the model (and the ONNX file) if it passed."""
     tmpdir = Path(tempfile.mkdtemp(prefix=".normfold-fold-", dir=Path(args.onnx).parent if args.onnx else None))
     try:
@@ -102,8 +99,7 @@ def _export_and_check(args: argparse.Namespace, console: Console, loaded: Loaded
         wrote = [str(write_model(args, loaded, folded_model, "folded"))]
         if args.onnx:
             wrote.append(str(move_onnx(onnx_tmp, args.onnx)))
-        final_line(f"{report.final_line()}; folded {folds} BatchNorm layer(s), left {left} alone; "
-                   f"wrote {', '.join(wrote)}")
+        final_line(f"{report.final_line()}; {summary}; wrote {', '.join(wrote)}")
         return 0
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
@@ -147,17 +143,15 @@ def _fold_exported(args: argparse.Namespace, console: Console, loaded: LoadedMod
         final_line(f"FAILED: the folded program differs from the original (max abs error {v.max_abs:.3g}, "
                    f"max rel error {v.max_rel:.3g}); nothing written")
         return 1
-    # torch.export.save warns about the temporary file's name (not *.pt2) of the atomic write: not the user's business
-    pkg_log = logging.getLogger("torch.export.pt2_archive._package")
-    level = pkg_log.level
-    pkg_log.setLevel(logging.ERROR)
-    try:
-        written = write_model(args, loaded, result.module, "folded", program=result.program)
-    finally:
-        pkg_log.setLevel(level)
+    written = write_model(args, loaded, result.module, "folded", program=result.program)
+    final_line(f"{fold_summary(result)}; max abs error {v.max_abs:.3g}, max rel error {v.max_rel:.3g}; "
+               f"wrote {written}")
+    return 0
+
+
+def fold_summary(result) -> str:
+    """"folded N BatchNorm layer(s)[, baked M weight standardization(s)], left K alone"."""
     folds = sum(1 for c in result.changes if c.action.startswith("fold"))
     bakes = len(result.changes) - folds
     baked = f", baked {bakes} weight standardization(s)" if bakes else ""
-    final_line(f"folded {folds} BatchNorm layer(s){baked}, left {len(result.skipped)} alone; max abs error "
-               f"{v.max_abs:.3g}, max rel error {v.max_rel:.3g}; wrote {written}")
-    return 0
+    return f"folded {folds} BatchNorm layer(s){baked}, left {len(result.skipped)} alone"

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from normfold.commands._common import Command, add_model_arguments, final_line, load_from_args, resolve_inputs
+from normfold.errors import UsageError
 from normfold.inspect import inspect_model
 
 
@@ -22,6 +23,9 @@ class InspectCommand(Command):
 
     def run(self, args: argparse.Namespace, console: Console) -> int:
         loaded = load_from_args(args)
+        if loaded.kind == "exported":
+            raise UsageError(f"{loaded.path} is an ExportedProgram (.pt2); inspect reads nn.Modules: run "
+                             f"`normfold fold {loaded.path}` to see what folds at the ATen level, and why not")
         inputs = resolve_inputs(args, loaded.module, console)
         reports, totals = inspect_model(loaded.module, example_inputs=inputs)
         t = Table(title=f"normalization layers in {loaded.path}", title_justify="left")

@@ -153,3 +153,16 @@ def test_console_script_end_to_end(state_dict_file: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "normfold.cli", "fold", str(state_dict_file)], capture_output=True, text=True)
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr and "--arch" in bad.stderr
+
+
+def test_fold_pt2_writes_pt2_without_warnings_and_inspect_says_what_to_run(tmp_path: Path, capsys) -> None:
+    model = build_demo_model(seed=5)
+    program = torch.export.export(model, (torch.randn(2, 3, 32, 32),))
+    src = tmp_path / "prog.pt2"
+    torch.export.save(program, src)
+    code, out, err = _run(["fold", str(src)], capsys)
+    assert code == 0, err
+    assert (tmp_path / "prog.folded.pt2").exists()
+    assert "folded" in out.splitlines()[-1]
+    code, out, err = _run(["inspect", str(src)], capsys)
+    assert code == 2 and "normfold fold" in err and "Traceback" not in err
