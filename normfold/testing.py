@@ -31,7 +31,7 @@ __all__ = ["assert_equivalent", "randomize_batchnorm"]
 
 
 def assert_equivalent(reference: nn.Module, candidate_or_onnx: Any, inputs: Any, *, atol: float | None = None,
-                      rtol: float | None = None, export: bool = False, probes: bool = True,
+                      rtol: float | None = None, scale_tol: float | None = None, export: bool = False, probes: bool = True,
                       providers: Sequence[str] | str = ("cuda", "cpu"), require_provider: str | None = None,
                       batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, seed: int = 0,
                       threads: int | None = None) -> CheckReport:
@@ -53,8 +53,9 @@ def assert_equivalent(reference: nn.Module, candidate_or_onnx: Any, inputs: Any,
     else:
         raise TypeError(f"candidate_or_onnx must be an nn.Module or an ONNX model (path, ModelProto, bytes), "
                         f"not {type(candidate_or_onnx).__name__}")
-    report = check(reference, inputs=inputs, atol=atol, rtol=rtol, probes=probes, providers=providers,
-                   require_provider=require_provider, batch_sizes=batch_sizes, seed=seed, threads=threads, **kw)
+    report = check(reference, inputs=inputs, atol=atol, rtol=rtol, scale_tol=scale_tol, probes=probes,
+                   providers=providers, require_provider=require_provider, batch_sizes=batch_sizes, seed=seed,
+                   threads=threads, **kw)
     if not report.passed:
         raise AssertionError(report.to_text())
     return report

@@ -2,7 +2,8 @@
 
 Stages, in order (DESIGN.md, "Checker semantics"):
 
-1. ``original``: a deep copy of the reference model forced to eval, in PyTorch.
+1. ``original``: a deep copy of the reference model forced to eval, in PyTorch
+   (its modules are copied; its weights are the original's tensors, read only).
 2. ``candidate``: the transformed model, in PyTorch, run as it is (on a copy,
    so a module left in training mode shows its effect without touching the
    caller's model).
@@ -70,6 +71,18 @@ def _resolve_inputs(reference: nn.Module, inputs: Any, input_shapes: Sequence[Se
     if inferred.integer_high is not None:
         source = f"random token ids in [0, {inferred.integer_high})"
     return x, source + f"; {inferred.reason}"
+
+
+def _eval_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` forced to eval whose parameters and buffers are the original's tensors.
+
+    The modules (train flags, hooks, attributes) are copied, so forcing eval
+    does not touch the caller's model; the tensors are shared, because the
+    reference only reads them (in eval nothing updates a buffer) and a second
+    copy of a 2.5 GB model's weights would only cost memory.
+    """
+    memo: dict[int, Any] = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo).eval()
 
 
 def _describe_inputs(inputs: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
@@ -179,7 +192,7 @@ def check(reference: nn.Module, *, candidate: nn.Module | None = None, onnx: Any
         resolve_providers([require_provider])  # a typo is a usage error, before any work
     sizes = sorted({int(b) for b in batch_sizes if int(b) >= 1}) or list(DEFAULT_BATCH_SIZES)
 
-    ref = copy.deepcopy(reference).eval()
+    ref = _eval_copy(reference)
     x, input_source = _resolve_inputs(ref, inputs, input_shapes, seed)
     dtype, _ = model_dtype_device(ref)
     if atol is None and rtol is None and scale_tol is None:

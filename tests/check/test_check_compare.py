@@ -83,3 +83,21 @@ def test_load_inputs_from_files(tmp_path) -> None:
     torch.save({"x": 3}, tmp_path / "bad.pt")
     with pytest.raises(InputError, match="not a tensor"):
         load_inputs(tmp_path / "bad.pt")
+
+
+def test_explicit_tolerances_replace_the_default_rule() -> None:
+    import normfold as nf
+    from tests.check._models import inputs, plant_net
+
+    m, x = plant_net(), inputs()
+    cand = nf.fold_batchnorm(m, example_inputs=x).module
+    with torch.no_grad():
+        cand.fc.bias += 1e-3  # off by 1e-3 absolute: fails the default 2e-5 of the scale
+    strict = nf.check(m, candidate=cand, inputs=x, export=False, probes=False)
+    assert not strict.passed and strict.scale_tol == check_tolerance(torch.float32).scaled
+    loose = nf.check(m, candidate=cand, inputs=x, export=False, probes=False, atol=2e-3)
+    assert loose.passed and (loose.atol, loose.rtol, loose.scale_tol) == (2e-3, 0.0, 0.0)
+    assert "|a - b| <= 0.002" in loose.to_text()
+    assert nf.check(m, candidate=cand, inputs=x, export=False, probes=False, scale_tol=1e-2).passed
+    with pytest.raises(UsageError, match="atol"):
+        nf.check(m, candidate=cand, inputs=x, export=False, atol=-1.0)

@@ -43,9 +43,27 @@ SIZES = (32, 64, 75, 224)
 #: batch of the checked inputs (>= 2, so that the batch-independence probe has a sample and its batch-mates)
 BATCH = 2
 
-#: measured seconds (one core: build + fold + check with export and probes) per model, to balance the workers;
-#: models missing here count as :data:`DEFAULT_COST`
-COST: dict[str, float] = {}
+#: measured CPU seconds per model (build + fold + check with export and every probe, one thread, in a warm
+#: worker), used only to balance the workers; a model missing here counts as :data:`DEFAULT_COST`
+COST: dict[str, float] = {
+    "alexnet": 5.4, "convnext_base": 12.5, "convnext_large": 18.1, "convnext_small": 9.7, "convnext_tiny": 7.1,
+    "densenet121": 13.4, "densenet161": 16.2, "densenet169": 17.9, "densenet201": 20.7, "efficientnet_b0": 6.1,
+    "efficientnet_b1": 6.2, "efficientnet_b2": 8.0, "efficientnet_b3": 6.9, "efficientnet_b4": 10.8,
+    "efficientnet_b5": 10.4, "efficientnet_b6": 13.5, "efficientnet_b7": 15.1, "efficientnet_v2_l": 28.0,
+    "efficientnet_v2_m": 13.1, "efficientnet_v2_s": 9.8, "googlenet": 3.9, "inception_v3": 6.7, "maxvit_t": 31.4,
+    "mnasnet0_5": 2.8, "mnasnet0_75": 3.7, "mnasnet1_0": 3.6, "mnasnet1_3": 3.6, "mobilenet_v2": 6.2,
+    "mobilenet_v3_large": 6.5, "mobilenet_v3_small": 7.0, "regnet_x_16gf": 5.6, "regnet_x_1_6gf": 3.5,
+    "regnet_x_32gf": 8.8, "regnet_x_3_2gf": 5.3, "regnet_x_400mf": 4.4, "regnet_x_800mf": 3.1, "regnet_x_8gf": 5.6,
+    "regnet_y_16gf": 9.7, "regnet_y_1_6gf": 6.3, "regnet_y_32gf": 16.5, "regnet_y_3_2gf": 6.0,
+    "regnet_y_400mf": 5.3, "regnet_y_800mf": 4.1, "regnet_y_8gf": 7.1, "resnet101": 6.7, "resnet152": 9.2,
+    "resnet18": 2.5, "resnet34": 3.4, "resnet50": 4.2, "resnext101_32x8d": 10.5, "resnext101_64x4d": 7.9,
+    "resnext50_32x4d": 5.1, "shufflenet_v2_x0_5": 3.8, "shufflenet_v2_x1_0": 5.3, "shufflenet_v2_x1_5": 3.8,
+    "shufflenet_v2_x2_0": 4.7, "squeezenet1_0": 2.7, "squeezenet1_1": 2.9, "swin_b": 29.5, "swin_s": 28.4,
+    "swin_t": 13.6, "swin_v2_b": 37.1, "swin_v2_s": 30.3, "swin_v2_t": 16.6, "vgg11": 6.6, "vgg11_bn": 11.7,
+    "vgg13": 6.0, "vgg13_bn": 10.9, "vgg16": 6.7, "vgg16_bn": 12.1, "vgg19": 7.8, "vgg19_bn": 11.7,
+    "vit_b_16": 19.2, "vit_b_32": 15.3, "vit_l_16": 53.2, "vit_l_32": 38.0, "wide_resnet101_2": 10.2,
+    "wide_resnet50_2": 4.3,
+}
 DEFAULT_COST = 10.0
 
 #: models whose weights exceed 2 GB (ONNX external data): scheduled on the same worker
