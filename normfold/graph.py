@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 import torch.fx

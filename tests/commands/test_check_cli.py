@@ -7,7 +7,6 @@ naming the fix for every bad input.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -19,24 +18,11 @@ import pytest
 import torch
 
 import normfold as nf
-from normfold.cli import main
 from normfold.demo import build_demo_model
+from tests.commands._cli import digest as _digest, run_cli as _run
 
 ARCH = "normfold.demo:build_demo_model"
 SHAPE = "2,3,16,16"
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse usage errors
-        code = int(exc.code)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

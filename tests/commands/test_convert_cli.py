@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from normfold.cli import main
 from normfold.demo import build_demo_model
 from normfold.passes.freeze_batchnorm import FrozenAffine
 from tests.conftest import assert_models_close, assert_state_equal, run_eval, state_snapshot
+from tests.commands._cli import digest as _digest, run_cli as _run
 
 ARCH = "normfold.demo:build_demo_model"
 SHAPE = "2,3,32,32"
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse usage errors
-        code = int(exc.code)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from normfold.cli import main
 from normfold.demo import build_demo_model
+from tests.commands._cli import digest as _digest, run_cli as _run
 
 ARCH = "normfold.demo:build_demo_model"
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture
@@ -32,15 +27,6 @@ def pickled_file(tmp_path: Path) -> Path:
     p = tmp_path / "whole.pt"
     torch.save(build_demo_model(seed=4), p)
     return p
-
-
-def _run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse usage errors
-        code = int(exc.code)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_fold_state_dict_writes_folded_model_beside_input(state_dict_file: Path, capsys) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -10,27 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from normfold.cli import main
 from normfold.commands.recalibrate import visiting_order
 from normfold.demo import build_demo_model
 from normfold.recalibrate import recalibrate
 from normfold.tolerances import RECALIBRATE
+from tests.commands._cli import digest as _digest, run_cli as _run
 
 ARCH = "normfold.demo:build_demo_model"
 TOL = RECALIBRATE[torch.float32]
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse usage errors
-        code = int(exc.code)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 SIZE = 16  # image side: small keeps the test fast; the demo model takes any even size
