@@ -8,7 +8,6 @@ model's outputs AND with the nn.Module pass's records on the same model.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import normfold as nf
-from normfold.cli import main
 from normfold.demo import build_demo_model
 from normfold.passes.fold_exported import fold_exported_program
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -208,17 +206,7 @@ def test_zero_padding_consumer_reason() -> None:
 # the command line
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = int(exc.code)
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.commands._cli import digest as _digest, run_cli as _run  # noqa: E402
 
 
 def test_cli_fold_pt2_writes_a_folded_pt2(tmp_path: Path, capsys) -> None:
