@@ -17,7 +17,7 @@ probe; vit_h_14 alone takes 117 s. pytest-xdist is not a test dependency, so
 the models run in two worker processes started once for the session
 (spawned; one torch and one onnxruntime thread each), longest first by the
 measured cost, and each model is still its own parametrized test that waits
-for its result: about 8.5 minutes on two otherwise idle cores. The two models
+for its result: 8 min 42 s measured on two otherwise idle cores. The two models
 over 2 GB of weights (exported with external data) go to the same worker so
 that they are never in memory at the same time; their check peaks at 11 GB
 and is skipped, saying so, on a machine with less than :data:`HUGE_RAM_GB`
