@@ -147,12 +147,10 @@ def fold_into_output_channels(producer: nn.Module, scale: torch.Tensor, shift: t
     # largest product is max|w| (exact in any dtype) times |s| per (row, col). amax/amin
     # propagate NaN and are several times faster than vector_norm(ord=inf) on CPU.
     row_max = torch.maximum(v.amax(dim=2), -v.amin(dim=2)).to(torch.float64)
-    largest = torch.zeros((), dtype=torch.float64, device=device)
-    if v.numel() == 0:
-        pass
-    elif len(blocks) == 1 and blocks[0][2] is None:  # Conv / Linear: one scale per row
+    largest = torch.zeros((), dtype=torch.float64, device=device)  # an empty weight cannot overflow
+    if v.numel() and len(blocks) == 1 and blocks[0][2] is None:  # Conv / Linear: one scale per row
         largest = (row_max.view(-1) * s.abs()).max()
-    else:
+    elif v.numel():
         for a, b, sc in blocks:
             prod = row_max[a:b] * sc[..., 0].abs()
             largest = torch.maximum(largest, prod.max() if prod.numel() else largest)

@@ -849,6 +849,8 @@ class FoldBatchNormForward(Pass):
             try:
                 set_submodule(d.graph.graph_module, path, remnant)
             except AttributeError:
+                # fx only copies the submodules its graph calls into the GraphModule: a BatchNorm it never
+                # called has no slot there, and the root (what the user gets) is already edited.
                 pass
 
 
