@@ -740,7 +740,7 @@ class FoldExportedProgram(Pass):
                                      {"channels": affine.num_features, "through": list(ops)}))
 
     def _fold_backward(self, prog: _Program, d: AtenDialect, plan: Any, affine: BatchNormAffine) -> str | None:
-        edits = []
+        jobs = []
         for part in plan.parts:
             lay: _Layer = part.producer.ref
             n_out = part.producer.out_channels
@@ -748,17 +748,9 @@ class FoldExportedProgram(Pass):
             shift = torch.zeros(n_out, dtype=torch.float64)
             scale[part.features] = affine.scale.cpu()[part.channels]
             shift[part.features] = affine.shift.cpu()[part.channels]
-            w = d.canonical_weight(lay)
-            b = prog.tensor(lay.bias) if lay.bias is not None else None
-            new_w, new_b = backward_fold_tensors(lay.kind, w.detach(), b.detach() if b is not None else None,
-                                                 lay.groups, scale, shift)
-            bad = self._check_cast(w, new_w, new_b)
-            if bad is not None:
-                return f"{bad} ({lay.label})"
-            edits.append((lay, w, new_w, new_b))
-        for lay, w, new_w, new_b in edits:
-            self._write(prog, lay, w, new_w, new_b)
-        return None
+            jobs.append((lay, lambda w, b, lay=lay, scale=scale, shift=shift:
+                         backward_fold_tensors(lay.kind, w, b, lay.groups, scale, shift)))
+        return self._fold_all(prog, d, jobs)
 
     def _try_forward(self, prog: _Program, d: AtenDialect, bn: _BN, affine: BatchNormAffine) -> tuple | str:
         shape = d.shape(bn.value)
@@ -776,22 +768,30 @@ class FoldExportedProgram(Pass):
         why = check_constraints(constraints, affine, prog.tensor(bn.params[2]).dtype)
         if why is not None:
             return why
-        edits = []
+        jobs = []
         for h in plan.hits:
             lay: _Layer = h.consumer.ref
-            w = d.canonical_weight(lay)
-            b = prog.tensor(lay.bias) if lay.bias is not None else None
             s_in = affine.scale.cpu()[h.channel_of_input]
             t_in = affine.shift.cpu()[h.channel_of_input]
-            new_w, new_b = forward_fold_tensors(lay.kind, w.detach(), b.detach() if b is not None else None,
-                                                lay.groups, s_in, t_in)
+            jobs.append((lay, lambda w, b, lay=lay, s_in=s_in, t_in=t_in:
+                         forward_fold_tensors(lay.kind, w, b, lay.groups, s_in, t_in)))
+        why = self._fold_all(prog, d, jobs)
+        return why if why is not None else (plan.hits, plan.ops)
+
+    def _fold_all(self, prog: _Program, d: AtenDialect, jobs: list) -> str | None:
+        """Compute every layer's folded (weight, bias), refuse all if any does not fit its dtype, else write all."""
+        edits = []
+        for lay, fold in jobs:
+            w = d.canonical_weight(lay)
+            b = prog.tensor(lay.bias) if lay.bias is not None else None
+            new_w, new_b = fold(w.detach(), b.detach() if b is not None else None)
             bad = self._check_cast(w, new_w, new_b)
             if bad is not None:
                 return f"{bad} ({lay.label})"
             edits.append((lay, w, new_w, new_b))
         for lay, w, new_w, new_b in edits:
             self._write(prog, lay, w, new_w, new_b)
-        return plan.hits, plan.ops
+        return None
 
     @staticmethod
     def _check_cast(w: torch.Tensor, new_w: torch.Tensor, new_b: torch.Tensor | None) -> str | None:
