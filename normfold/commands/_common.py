@@ -130,11 +130,16 @@ def print_pass_result(console: Console, result: PassResult, *, title: str, verbo
         console.print(t)
     else:
         console.print(f"{title}: nothing changed")
-    if result.skipped:
-        t = Table(title=f"left alone: {len(result.skipped)}", title_justify="left")
+    print_skips(console, result.skipped)
+
+
+def print_skips(console: Console, skipped: list) -> None:
+    """The "left alone" table: every Skip's layer paths and reason."""
+    if skipped:
+        t = Table(title=f"left alone: {len(skipped)}", title_justify="left")
         t.add_column("layer")
         t.add_column("reason")
-        for s in result.skipped:
+        for s in skipped:
             t.add_row(", ".join(s.paths) or "<model>", s.reason)
         console.print(t)
 

@@ -29,7 +29,7 @@ from rich.table import Table
 from torch import nn
 
 from normfold.commands._common import (Command, add_model_arguments, add_output_argument, final_line,
-                                       load_from_args, output_path, write_model)
+                                       load_from_args, output_path, print_skips, write_model)
 from normfold.errors import InputError, UsageError
 from normfold.inputs import model_dtype_device, run_model
 from normfold.io import check_output_path
@@ -124,13 +124,7 @@ def print_shifts(console: Console, result: RecalibrationResult) -> None:
     for s in result.shifts:
         t.add_row(s.path, s.kind, str(s.count), f"{s.mean_shift:.3g}", f"{s.max_mean_shift:.3g}", f"x{s.var_ratio:.3g}")
     console.print(t)
-    if result.skipped:
-        k = Table(title=f"left alone: {len(result.skipped)}", title_justify="left")
-        k.add_column("layer")
-        k.add_column("reason")
-        for s in result.skipped:
-            k.add_row(", ".join(s.paths) or "<model>", s.reason)
-        console.print(k)
+    print_skips(console, result.skipped)
 
 
 # ----------------------------------------------------------------------------------------------
