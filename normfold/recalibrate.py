@@ -63,7 +63,6 @@ eps))`` (0 when unchanged, 0.69 for a doubled variance).
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import math
@@ -81,7 +80,7 @@ from normfold.errors import InputError, NormfoldError, UsageError
 from normfold.norms import STANDARD_BN_FORWARDS, _is_norm_act, is_batchnorm
 from normfold.graph import is_frozen_batchnorm
 from normfold.inputs import model_dtype_device
-from normfold.passes.base import Change, PassResult, Skip, restore_training_flags, training_flags
+from normfold.passes.base import Change, PassResult, Skip, copy_module, restore_training_flags, training_flags
 
 __all__ = ["recalibrate", "RecalibrationResult", "LayerShift", "ESTIMATORS", "DEFAULT_BATCH_SIZE"]
 
@@ -646,7 +645,7 @@ def recalibrate(model: nn.Module, data: Any, *, forward_fn: Callable[[nn.Module,
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
 
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else copy_module(model)
     layers, skipped = _select_layers(work, estimator)
     if not layers:
         reasons = "; ".join(str(s) for s in skipped[:3]) or "it has no BatchNorm layer"
