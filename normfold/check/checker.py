@@ -42,7 +42,7 @@ from normfold.check.probes import (DEFAULT_BATCH_SIZES, BatchIndependence, Findi
                                    batch_independence, norm_op_lint, onnx_training_findings, training_modules)
 from normfold.check.report import FAILED, PASSED, SKIPPED, CheckReport, CheckResult, StageInfo, environment
 from normfold.check.runtime import OrtRuntime, create_session, resolve_providers, short_provider
-from normfold.errors import ExportError, InputError, ModelLoadError, NormfoldError, UsageError
+from normfold.errors import ExportError, InputError, ModelLoadError, UsageError
 from normfold.inputs import INPUT_MEAN, INPUT_STD, infer_input_shapes, model_dtype_device, random_inputs
 from normfold.tolerances import LOCALIZE, CheckTolerance, Tolerance, check_tolerance
 

@@ -49,14 +49,14 @@ import math
 import operator
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from normfold.channel_flow import (BackwardPlan, Consumer, ForwardPlan, NotConcrete, Producer, Rule,
+from normfold.channel_flow import (Consumer, NotConcrete, Producer, Rule,
                                    bind_args, channel_index, check_constraints, forward_fold_tensors,
                                    substitute, walk_backward, walk_forward, Constraint)
 from normfold.errors import TraceError
