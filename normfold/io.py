@@ -1,38 +1,82 @@
-"""Load and save model files, safely.
+"""Load and save model files, safely: the library's one entry for files.
 
 Loading rules (DESIGN.md, "Model files"):
 
-* ``.pt`` / ``.pth`` are read with ``torch.load(weights_only=True)``. A file
-  that holds a pickled ``nn.Module`` needs ``trust=True`` (``--trust``):
-  unpickling runs code from the file.
-* A state_dict needs ``arch="pkg.module:factory"``: a callable that builds the
-  model, whose ``load_state_dict(strict=True)`` must accept the file.
+* ``.pt`` / ``.pth`` / ``.bin`` are read with ``torch.load(weights_only=True)``.
+  A file that holds a pickled ``nn.Module`` needs ``trust=True`` (``--trust``):
+  unpickling runs code from the file. A TorchScript archive is refused.
+* ``.safetensors`` holds tensors only (never code).
+* A state_dict (``.pt`` or ``.safetensors``) needs ``arch``, which names how to
+  build the model (see :func:`parse_arch`): ``pkg.module:factory``,
+  ``pkg.module:factory(num_classes=10)`` (keyword values are Python literals,
+  read with ``ast.literal_eval``: no code is evaluated), ``timm:NAME`` (a timm
+  registry name, built with ``pretrained=False``) or ``./file.py:factory``
+  (a factory in a local file). Its ``load_state_dict(strict=True)`` must
+  accept the file.
+* A Hugging Face ``save_pretrained`` directory (``config.json`` and
+  ``model.safetensors`` or ``pytorch_model.bin``) is built with the class the
+  config's ``architectures`` names, looked up on the ``transformers``
+  package, from the local files only (``HF_HUB_OFFLINE=1``,
+  ``local_files_only=True``): never the network.
 * ``.pt2`` is a torch.export ExportedProgram.
+* A file normfold wrote carries a *recipe* (:mod:`normfold.recipe`): the
+  model is built from its factory or Hugging Face class, the recipe's
+  structural edits are replayed and the weights loaded strictly.
+
+The loaded weights keep their dtype (an fp16 file gives an fp16 model).
 
 Saving rules: outputs never overwrite the input and are written to a
-temporary file in the destination folder, then renamed (atomic on POSIX), so
-a crash never leaves a half-written model. Output paths default to
-``<stem>.<step><suffix>`` beside the input.
+temporary file (or folder) beside the destination, then renamed (atomic on
+POSIX), so a crash never leaves a half-written model; they get the usual
+permissions (``0o666 & ~umask``). What is written follows the output path:
+
+* ``.safetensors``: the weights and the recipe (safetensors metadata);
+* ``.pt`` / ``.pth``: the weights and the recipe as a dict that
+  ``torch.load(weights_only=True)`` reads;
+* a folder, when the input was a Hugging Face folder: its files, with the
+  weights as ``model.safetensors`` carrying the recipe;
+* ``.pt2``: an ExportedProgram (re-exported with the example inputs for an
+  nn.Module);
+* a pickled whole module only with ``pickle=True`` (``--pickle``), or when
+  the input was a pickled module given without ``arch`` (nothing else could
+  rebuild it).
+
+Default output paths are ``<stem>.<step>.safetensors`` beside a state_dict
+input, ``<stem>.<step>.pt2`` beside a ``.pt2``, ``<dir>.<step>`` beside a
+Hugging Face folder and ``<stem>.<step>.pt`` beside a pickled module.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+import json
 import os
-import pickle
+import pickle as pickle_module
+import shutil
+import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from normfold import recipe as recipes
 from normfold.errors import ModelLoadError, UsageError
 
-__all__ = ["LoadedModel", "load_model", "save_model", "default_output_path", "import_factory", "check_output_path"]
+__all__ = ["LoadedModel", "ArchSpec", "load", "load_model", "save_model", "default_output_path", "import_factory",
+           "parse_arch", "build_arch", "check_output_path", "atomic_write"]
 
-_MODEL_SUFFIXES = {".pt", ".pth", ".pt2", ".bin", ".ckpt"}
+_MODEL_SUFFIXES = {".pt", ".pth", ".pt2", ".bin", ".ckpt", ".safetensors"}
+_RECIPE_KEY = "normfold_recipe"
+_ALIASES_KEY = "normfold_aliases"
+_EXTRA_PREFIX = "__normfold_buffer__."  # non-persistent buffers of rebuilt modules travel under this prefix
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_HF_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".index.json")
 
 
 @dataclass
@@ -40,8 +84,11 @@ class LoadedModel:
     """A model read from disk and how it was stored.
 
     ``kind`` is ``"module"`` (a pickled nn.Module), ``"state_dict"`` (built with
-    ``arch``) or ``"exported"`` (an ExportedProgram; ``module`` is then its
-    ``.module()`` and ``program`` the ExportedProgram).
+    ``arch``, from a .pt/.pth or .safetensors file), ``"hf"`` (a Hugging Face
+    folder; ``hf_class`` names the transformers class) or ``"exported"`` (an
+    ExportedProgram; ``module`` is then its ``.module()`` and ``program`` the
+    ExportedProgram). ``recipe`` is True when the file carried normfold's
+    structural edits.
     """
 
     module: nn.Module
@@ -49,40 +96,150 @@ class LoadedModel:
     kind: str
     arch: str | None = None
     program: Any = None
+    hf_class: str | None = None
+    recipe: bool = False
 
 
-def import_factory(spec: str) -> Callable[[], Any]:
-    """Resolve ``"pkg.module:factory"`` to the callable, or a ModelLoadError that says what is wrong."""
-    if ":" not in spec:
-        raise UsageError(f"--arch {spec!r} must look like pkg.module:factory (for example torchvision.models:resnet18)")
-    mod_name, _, attr = spec.partition(":")
+# ---------------------------------------------------------------------------------------------------- --arch
+
+
+@dataclass
+class ArchSpec:
+    """A parsed ``--arch``: where the factory lives and the literal arguments to call it with."""
+
+    text: str
+    source: str  # "module" (importable), "file" (a local .py file) or "timm" (registry name)
+    module: str
+    attr: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] | None = None
+
+
+def parse_arch(spec: str) -> ArchSpec:
+    """Parse ``pkg.module:factory``, ``pkg.module:factory(k=v, ...)``, ``timm:NAME[(k=v)]`` or ``./file.py:factory``.
+
+    Arguments must be Python literals (numbers, strings, tuples, lists,
+    dicts, True/False/None): each is read with ``ast.literal_eval``, so no
+    code from the command line is evaluated.
+    """
+    text = spec.strip()
+    head, sep, call = text.partition("(")
+    if ":" not in head:
+        raise UsageError(f"--arch {spec!r} must look like pkg.module:factory (for example torchvision.models:resnet18, "
+                         "timm:resnet18d or ./my_models.py:build)")
+    mod_name, _, attr = head.rpartition(":")
+    mod_name, attr = mod_name.strip(), attr.strip()
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = {}
+    if sep:
+        try:
+            node = ast.parse(f"f({call}", mode="eval").body
+        except SyntaxError as exc:
+            raise UsageError(f"--arch {spec!r}: cannot parse the arguments ({exc.msg}); write them like "
+                             "factory(num_classes=10)") from exc
+        assert isinstance(node, ast.Call)
+        try:
+            args = tuple(ast.literal_eval(a) for a in node.args)
+            for kw in node.keywords:
+                if kw.arg is None:
+                    raise ValueError("**kwargs")
+                kwargs[kw.arg] = ast.literal_eval(kw.value)
+        except ValueError as exc:
+            raise UsageError(f"--arch {spec!r}: arguments must be literals (numbers, strings, tuples, lists, dicts, "
+                             "True/False/None), not expressions") from exc
+    if not attr or not all(part.isidentifier() for part in attr.split(".")):
+        raise UsageError(f"--arch {spec!r}: {attr!r} is not a factory name; write pkg.module:factory")
+    if mod_name == "timm":
+        return ArchSpec(text, "timm", "timm", attr, args, kwargs)
+    if mod_name.endswith(".py") or "/" in mod_name or os.sep in mod_name:
+        return ArchSpec(text, "file", mod_name, attr, args, kwargs)
+    return ArchSpec(text, "module", mod_name, attr, args, kwargs)
+
+
+def _import_file(spec: ArchSpec) -> Any:
+    path = Path(spec.module)
+    if path.suffix != ".py":
+        path = path.with_suffix(".py")
+    if not path.is_file():
+        raise ModelLoadError(f"--arch {spec.text!r}: no file {path}; check the path of the .py file")
+    name = f"normfold_arch_{abs(hash(str(path.resolve())))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    mspec = importlib.util.spec_from_file_location(name, path)
+    if mspec is None or mspec.loader is None:
+        raise ModelLoadError(f"--arch {spec.text!r}: cannot import {path}")
+    mod = importlib.util.module_from_spec(mspec)
+    sys.modules[name] = mod
     try:
-        mod = importlib.import_module(mod_name)
+        mspec.loader.exec_module(mod)
     except Exception as exc:
-        raise ModelLoadError(f"--arch {spec!r}: cannot import {mod_name!r} ({type(exc).__name__}: {exc}); "
-                             "check the module name and that it is installed") from exc
+        del sys.modules[name]
+        raise ModelLoadError(f"--arch {spec.text!r}: importing {path} raised {type(exc).__name__}: {exc}") from exc
+    return mod
+
+
+def import_factory(spec: str | ArchSpec) -> Callable[..., Any]:
+    """Resolve an ``--arch`` to the callable, or a ModelLoadError that says what is wrong."""
+    a = parse_arch(spec) if isinstance(spec, str) else spec
+    if a.source == "timm":
+        try:
+            import timm
+        except ImportError as exc:
+            raise ModelLoadError(f"--arch {a.text!r}: timm is not installed; pip install timm") from exc
+        if not timm.is_model(a.attr):
+            raise ModelLoadError(f"--arch {a.text!r}: timm has no model {a.attr!r}; list them with "
+                                 "timm.list_models('pattern*')")
+        return lambda *args, **kwargs: timm.create_model(a.attr, *args, pretrained=False, **kwargs)
+    if a.source == "file":
+        mod = _import_file(a)
+    else:
+        try:
+            mod = importlib.import_module(a.module)
+        except ModuleNotFoundError as exc:
+            local = Path(*a.module.split(".")).with_suffix(".py")
+            hint = (f"; {local} is here but not importable: run with PYTHONPATH=. or give the file path "
+                    f"(--arch ./{local}:{a.attr})" if local.is_file() else
+                    "; check the module name and that it is installed (for a local file: run with PYTHONPATH=. "
+                    "or give the file path, --arch ./my_models.py:build)")
+            raise ModelLoadError(f"--arch {a.text!r}: cannot import {a.module!r} ({exc}){hint}") from exc
+        except Exception as exc:
+            raise ModelLoadError(f"--arch {a.text!r}: cannot import {a.module!r} ({type(exc).__name__}: {exc}); "
+                                 "check the module name and that it is installed") from exc
     obj: Any = mod
-    for part in attr.split("."):
+    for part in a.attr.split("."):
         if not hasattr(obj, part):
-            raise ModelLoadError(f"--arch {spec!r}: module {mod_name!r} has no attribute {attr!r}; check the factory name")
+            hint = ""
+            if a.module == "timm" or a.module.startswith("timm."):
+                hint = f"; for a timm registry name use --arch timm:{a.attr}"
+            raise ModelLoadError(f"--arch {a.text!r}: module {a.module!r} has no attribute {a.attr!r}; "
+                                 f"check the factory name{hint}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ModelLoadError(f"--arch {spec!r}: {attr!r} is not callable; name a function or class that builds the model")
+        raise ModelLoadError(f"--arch {a.text!r}: {a.attr!r} is not callable; name a function or class that builds "
+                             "the model")
     return obj
 
 
-def build_arch(spec: str) -> nn.Module:
-    """Call the ``--arch`` factory with no arguments and check it returns an nn.Module."""
-    factory = import_factory(spec)
+def build_arch(spec: str | ArchSpec, *, device: torch.device | str | None = None) -> nn.Module:
+    """Call the ``--arch`` factory with its literal arguments and check it returns an nn.Module."""
+    a = parse_arch(spec) if isinstance(spec, str) else spec
+    factory = import_factory(a)
     try:
-        model = factory()
+        if device is not None:
+            with torch.device(device):
+                model = factory(*a.args, **(a.kwargs or {}))
+        else:
+            model = factory(*a.args, **(a.kwargs or {}))
     except Exception as exc:
-        raise ModelLoadError(f"--arch {spec!r}: calling it raised {type(exc).__name__}: {exc}; "
-                             "name a factory that builds the model with no arguments") from exc
+        raise ModelLoadError(f"--arch {a.text!r}: calling it raised {type(exc).__name__}: {exc}; "
+                             "name a factory that builds the model (arguments as factory(k=v))") from exc
     if not isinstance(model, nn.Module):
-        raise ModelLoadError(f"--arch {spec!r} returned {type(model).__name__}, not a torch.nn.Module; "
+        raise ModelLoadError(f"--arch {a.text!r} returned {type(model).__name__}, not a torch.nn.Module; "
                              "name a factory that returns the model")
     return model
+
+
+# ---------------------------------------------------------------------------------------------------- loading
 
 
 def _extract_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
@@ -98,20 +255,39 @@ def _extract_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def _is_torchscript(p: Path) -> bool:
+    """A torch.jit.save archive: a zip with ``<name>/constants.pkl`` and ``<name>/code/`` entries."""
+    if not zipfile.is_zipfile(p):
+        return False
+    try:
+        with zipfile.ZipFile(p) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
 def load_model(path: str | os.PathLike, *, trust: bool = False, arch: str | None = None) -> LoadedModel:
-    """Read a model file following the module docstring's rules."""
+    """Read a model file or Hugging Face folder following the module docstring's rules."""
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"{p}: no such file; check the path")
     if p.is_dir():
-        raise ModelLoadError(f"{p} is a directory; pass a model file (.pt, .pth or .pt2)")
+        return _load_hf_dir(p)
     if p.stat().st_size == 0:
         raise ModelLoadError(f"{p} is empty; re-save the model with torch.save")
     if p.suffix == ".pt2":
         return _load_exported(p)
+    if p.suffix == ".safetensors":
+        state, recipe = _read_safetensors(p)
+        return _from_state(p, state, recipe, arch)
+    if _is_torchscript(p):
+        raise ModelLoadError(f"{p} is TorchScript (torch.jit.save), whose eager modules cannot be recovered; "
+                             "normfold rewrites nn.Modules: save the eager model's state_dict (or safetensors) and "
+                             "pass --arch")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except pickle_module.UnpicklingError as exc:
         text = str(exc)
         # A pickled object is refused by the weights-only unpickler with "Unsupported global";
         # any other unpickling error means the bytes themselves are damaged.
@@ -130,21 +306,80 @@ def load_model(path: str | os.PathLike, *, trust: bool = False, arch: str | None
         raise ModelLoadError(f"{p} is TorchScript; normfold rewrites nn.Modules: save the eager model or its state_dict")
     if isinstance(obj, nn.Module):
         return LoadedModel(module=obj, path=p, kind="module", arch=arch)
+    recipe = None
+    if isinstance(obj, dict) and isinstance(obj.get(_RECIPE_KEY), str):
+        recipe = recipes.loads(obj[_RECIPE_KEY])
     state = _extract_state_dict(obj)
     if state is None:
         raise ModelLoadError(f"{p} holds a {type(obj).__name__}, not a model or a state_dict; "
                              "save the model with torch.save(model.state_dict(), path)")
-    if arch is None:
-        raise ModelLoadError(f"{p} holds a state_dict ({len(state)} tensors) without the model's code; "
-                             "pass --arch pkg.module:factory naming a function that builds the model")
-    model = build_arch(arch)
+    return _from_state(p, dict(state), recipe, arch)
+
+
+def load(path: str | os.PathLike, *, arch: str | None = None, trust: bool = False) -> nn.Module:
+    """The model in ``path``, rebuilt without unpickling (unless ``trust``): safetensors or .pt weights with
+    normfold's recorded edits, a Hugging Face folder, or a ``.pt2`` (its ``.module()``).
+
+    ``arch`` names the factory (``pkg.module:factory``, ``timm:NAME``,
+    ``./file.py:factory``, with literal keyword arguments) for a file that
+    holds weights; a Hugging Face folder names its own class.
+    """
+    return load_model(path, trust=trust, arch=arch).module
+
+
+def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     try:
-        model.load_state_dict(state, strict=True)
+        from safetensors import safe_open
+    except ImportError as exc:  # pragma: no cover - safetensors ships with transformers/timm and is a dependency
+        raise ModelLoadError("reading .safetensors needs the safetensors package; pip install safetensors") from exc
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        head = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise ModelLoadError(f"{p} is not a readable safetensors file ({head}); re-save it with "
+                             "safetensors.torch.save_file") from exc
+    recipe = recipes.loads(meta[_RECIPE_KEY]) if _RECIPE_KEY in meta else None
+    if _ALIASES_KEY in meta:
+        aliases = json.loads(meta[_ALIASES_KEY])
+        for alias, kept in aliases.items():
+            if kept not in state:
+                raise ModelLoadError(f"{p}: tensor {alias!r} is recorded as a copy of {kept!r}, which is missing; "
+                                     "the file is damaged")
+            state[alias] = state[kept]
+    return state, recipe
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], p: Path, what: str) -> None:
+    """Strict load that keeps the file's dtypes (``assign=True``: an fp16 file gives fp16 parameters)."""
+    extra = {k[len(_EXTRA_PREFIX):]: v for k, v in state.items() if k.startswith(_EXTRA_PREFIX)}
+    weights = {k: v for k, v in state.items() if not k.startswith(_EXTRA_PREFIX)}
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()
         detail = " ".join(line.strip() for line in first[1:3]) if len(first) > 1 else str(exc)
-        raise ModelLoadError(f"{p} does not fit --arch {arch}: {detail[:300]}; pass the factory the weights came from") from exc
-    return LoadedModel(module=model, path=p, kind="state_dict", arch=arch)
+        raise ModelLoadError(f"{p} does not fit {what}: {detail[:300]}; pass the factory the weights came from") from exc
+    for name, value in extra.items():
+        owner_path, _, buf = name.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        if buf not in owner._buffers:
+            raise ModelLoadError(f"{p}: buffer {name!r} has no place in the rebuilt model; the file is damaged")
+        owner._buffers[buf] = value
+
+
+def _from_state(p: Path, state: dict[str, torch.Tensor], recipe: dict[str, Any] | None, arch: str | None) -> LoadedModel:
+    if arch is None:
+        recorded = (recipe or {}).get("base", {}).get("arch")
+        hint = f" (normfold recorded --arch {recorded!r} for this file)" if recorded else ""
+        raise ModelLoadError(f"{p} holds a state_dict ({len(state)} tensors) without the model's code; "
+                             f"pass --arch pkg.module:factory naming a function that builds the model{hint}")
+    model = build_arch(arch)
+    if recipe is not None:
+        model = recipes.apply_recipe(model, recipe)
+    _load_into(model, state, p, f"--arch {arch}" + (" with normfold's recorded edits" if recipe else ""))
+    return LoadedModel(module=model, path=p, kind="state_dict", arch=arch, recipe=recipe is not None)
 
 
 def _load_trusted(p: Path) -> Any:
@@ -172,31 +407,151 @@ def _corrupt(p: Path, exc: BaseException) -> ModelLoadError:
                           "re-save it with torch.save")
 
 
-def default_output_path(input_path: str | os.PathLike, step: str, suffix: str | None = None) -> Path:
-    """``model.pt`` + ``"folded"`` -> ``model.folded.pt`` beside the input."""
-    p = Path(input_path)
+# ---------------------------------------------------------------------------------------------------- Hugging Face
+
+
+def _transformers() -> Any:
+    # huggingface_hub reads HF_HUB_OFFLINE when it is imported: set it first, so nothing can reach the network
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ModelLoadError("a Hugging Face folder needs the transformers package; pip install transformers") from exc
+    return transformers
+
+
+def _hf_class(p: Path) -> tuple[Any, str, Any]:
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{p} is a directory without config.json; pass a model file (.pt, .pth, .safetensors, "
+                             ".pt2) or a Hugging Face save_pretrained folder")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except ValueError as exc:
+        raise ModelLoadError(f"{cfg_file} is not valid JSON ({exc}); re-save the model with save_pretrained") from exc
+    transformers = _transformers()
+    names = cfg.get("architectures") or []
+    if not names:
+        raise ModelLoadError(f"{cfg_file} names no architectures; re-save the model with save_pretrained (it records "
+                             "the class)")
+    name = str(names[0])
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ModelLoadError(f"{cfg_file}: architectures names {name!r}, which is not a transformers model class in "
+                             f"transformers {transformers.__version__}; upgrade transformers or re-save the model")
+    return cls, name, transformers
+
+
+def _load_hf_dir(p: Path) -> LoadedModel:
+    cls, name, transformers = _hf_class(p)
+    weights = p / "model.safetensors"
+    recipe = None
+    if weights.is_file():
+        state, recipe = _read_safetensors(weights)
+    if recipe is not None:
+        model = _hf_base(p, cls, transformers, device=None)
+        model = recipes.apply_recipe(model, recipe)
+        _load_into(model, state, weights, f"{name} with normfold's recorded edits")
+        return LoadedModel(module=model, path=p, kind="hf", hf_class=name, recipe=True)
+    if not weights.is_file() and not (p / "pytorch_model.bin").is_file() and not any(p.glob("*.index.json")):
+        raise ModelLoadError(f"{p} holds config.json but no weights (model.safetensors or pytorch_model.bin); "
+                             "re-save the model with save_pretrained")
+    major = int(transformers.__version__.split(".")[0])
+    dtype_kw = {"dtype": "auto"} if major >= 5 else {"torch_dtype": "auto"}
+    try:
+        model = cls.from_pretrained(str(p), local_files_only=True, **dtype_kw)
+    except Exception as exc:
+        head = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelLoadError(f"{p}: {name}.from_pretrained failed ({type(exc).__name__}: {head}); check that the "
+                             "folder is complete") from exc
+    return LoadedModel(module=model, path=p, kind="hf", hf_class=name)
+
+
+def _hf_base(p: Path, cls: Any, transformers: Any, *, device: str | None) -> nn.Module:
+    """A fresh ``cls(config)`` from the folder's config.json (random weights: the recipe and the file fill them)."""
+    config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
+    if device is not None:
+        with torch.device(device):
+            return cls(config)
+    return cls(config)
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+
+
+def default_output_path(source: str | os.PathLike | LoadedModel, step: str, suffix: str | None = None, *,
+                        pickle: bool = False) -> Path:
+    """Where ``step``'s output goes by default, beside the input.
+
+    Given a path: ``model.pt`` + ``"folded"`` -> ``model.folded.pt``. Given
+    the :class:`LoadedModel`, the suffix follows what will be written:
+    ``.safetensors`` for a model built from weights, ``.pt2`` for a ``.pt2``,
+    a folder for a Hugging Face folder, ``.pt`` for a pickled module (or with
+    ``pickle=True``).
+    """
+    if isinstance(source, LoadedModel):
+        p = source.path
+        if suffix is None:
+            if pickle:
+                suffix = ".pt"
+            elif source.kind == "exported":
+                suffix = ".pt2"
+            elif source.kind == "hf":
+                return p.with_name(f"{p.name}.{step}")
+            elif source.kind == "module" and source.arch is None:
+                suffix = p.suffix or ".pt"
+            else:
+                suffix = ".safetensors"
+    else:
+        p = Path(source)
     return p.with_name(f"{p.stem}.{step}{suffix if suffix is not None else p.suffix}")
 
 
+def _is_normfold_hf_dir(p: Path) -> bool:
+    w = p / "model.safetensors"
+    if not (p / "config.json").is_file() or not w.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+        with safe_open(str(w), framework="pt") as f:
+            return _RECIPE_KEY in (f.metadata() or {})
+    except Exception:
+        return False
+
+
 def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None) -> Path:
-    """Refuse to write over the input or into a folder that does not exist."""
+    """Refuse to write over the input or into a folder that does not exist.
+
+    An existing folder is accepted only when it is a Hugging Face folder
+    normfold wrote (it is then replaced whole).
+    """
     out = Path(output)
     if input_path is not None and out.exists() and Path(input_path).exists() and out.resolve() == Path(input_path).resolve():
         raise UsageError(f"refusing to overwrite the input {input_path}; pass another -o path")
-    if out.is_dir():
-        raise UsageError(f"-o {out} is a directory; pass a file path")
+    if out.is_dir() and not _is_normfold_hf_dir(out):
+        raise UsageError(f"-o {out} is an existing directory; pass a file path (or a new folder for a Hugging Face "
+                         "model)")
     if not out.parent.exists():
         raise UsageError(f"-o {out}: folder {out.parent} does not exist; create it or pass another path")
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path`` and rename it into place."""
+    """Call ``write(tmp)`` on a temporary file beside ``path`` and rename it into place (mode ``0o666 & ~umask``)."""
     # keep the real suffix last: torch.export.save warns about a .pt2 archive named otherwise
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp creates 0600 files; a model file gets the permissions any other new file would
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -206,17 +561,158 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def save_model(module: nn.Module, path: str | os.PathLike, *, input_path: str | os.PathLike | None = None,
-               program: Any = None) -> Path:
-    """Write ``module`` (or an ExportedProgram) atomically, never over ``input_path``.
+def _atomic_dir(path: Path, fill: Callable[[Path], None]) -> None:
+    """Fill a temporary folder beside ``path``, then move it into place (replacing a previous normfold output)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        fill(tmp)
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~mask)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
-    nn.Modules are written whole (``torch.save(module)``): a rewritten model no
-    longer fits its original factory, so a state_dict alone could not be
-    loaded again. Reading it back needs ``weights_only=False`` (``--trust``).
+
+def _base_for(source: LoadedModel, like: nn.Module) -> nn.Module | None:
+    """A fresh build of the original model (on the meta device: only structure is needed), cast like ``like``."""
+    def build(device: str | None) -> nn.Module:
+        if source.kind == "hf":
+            cls, _, transformers = _hf_class(source.path)
+            return _hf_base(source.path, cls, transformers, device=device)
+        assert source.arch is not None
+        return build_arch(source.arch, device=device)
+
+    if source.kind not in ("state_dict", "hf") and not (source.kind == "module" and source.arch):
+        return None
+    try:
+        base = build("meta")
+    except Exception:  # a factory that reads tensor values while building cannot run on meta: build it for real
+        base = build(None)
+    dtype = next((t.dtype for t in like.parameters() if t.is_floating_point()), None)
+    return base.to(dtype) if dtype is not None else base
+
+
+def _tensors_to_save(module: nn.Module, recipe: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """state_dict plus the non-persistent buffers of rebuilt modules; shared tensors stored once (with aliases)."""
+    state = {k: v.detach() for k, v in module.state_dict().items()}
+    for edit in recipe["edits"]:
+        if edit["op"] in ("replace", "patch"):
+            owner = module.get_submodule(edit["path"]) if edit["path"] else module
+            for name in owner._non_persistent_buffers_set:
+                buf = owner._buffers.get(name)
+                if buf is not None:
+                    state[f"{_EXTRA_PREFIX}{edit['path'] + '.' if edit['path'] else ''}{name}"] = buf.detach()
+    kept: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
+            if t.numel() else None
+        if key is not None and key in kept:
+            aliases[name] = kept[key]
+            continue
+        if key is not None:
+            kept[key] = name
+        out[name] = t.to("cpu").contiguous()
+    return out, aliases
+
+
+def _recipe_for(module: nn.Module, source: LoadedModel) -> dict[str, Any] | None:
+    base = _base_for(source, module)
+    if base is None:
+        return None
+    recipe = recipes.derive_recipe(base, module)
+    recipe["base"] = {"hf_class": source.hf_class} if source.kind == "hf" else {"arch": source.arch}
+    from normfold import __version__
+    recipe["normfold"] = __version__
+    return recipe
+
+
+def save_model(module: nn.Module, path: str | os.PathLike, *, input_path: str | os.PathLike | None = None,
+               program: Any = None, source: LoadedModel | None = None, pickle: bool = False,
+               example_inputs: Sequence[torch.Tensor] | None = None) -> Path:
+    """Write ``module`` (or an ExportedProgram) atomically, never over the input; returns the path written.
+
+    The format follows the output path and ``source`` (the loaded original),
+    as the module docstring says: safe weights + recipe by default, a pickled
+    module only with ``pickle=True`` or for a pickled input without ``arch``.
+    Raises :class:`~normfold.recipe.RecipeError` (a ModelLoadError) when the
+    rewritten model holds something a recipe cannot rebuild, with the hint to
+    use ``pickle=True``.
     """
+    if source is not None and input_path is None:
+        input_path = source.path
     out = check_output_path(path, input_path)
-    if program is not None:
-        atomic_write(out, lambda tmp: torch.export.save(program, tmp))
-    else:
+    suffix = out.suffix
+    if pickle:
+        if suffix in (".safetensors", ".pt2"):
+            raise UsageError(f"-o {out}: --pickle writes a pickled module; give the output a .pt suffix")
         atomic_write(out, lambda tmp: torch.save(module, tmp))
+        return out
+    if suffix == ".pt2":
+        if program is None:
+            if example_inputs is None:
+                raise UsageError(f"-o {out}: writing a .pt2 re-exports the model and needs its example inputs "
+                                 "(--input-shape)")
+            try:
+                program = torch.export.export(module.eval(), tuple(example_inputs), strict=False)
+            except Exception as exc:
+                head = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+                raise UsageError(f"-o {out}: torch.export cannot export the rewritten model ({type(exc).__name__}: "
+                                 f"{head}); write .safetensors instead") from exc
+        atomic_write(out, lambda tmp: torch.export.save(program, tmp))
+        return out
+    if program is not None:
+        raise UsageError(f"-o {out}: the result is an ExportedProgram; give the output a .pt2 suffix")
+    if source is None:
+        raise UsageError(f"-o {out}: normfold needs to know how the model was built (its --arch or Hugging Face "
+                         "class) to write it without pickling; pass pickle=True to write a pickled module")
+    recipe = _recipe_for(module, source)
+    if recipe is None:  # a pickled module given without --arch: nothing but the pickle can rebuild it
+        if suffix in (".safetensors", "") or source.kind == "hf":
+            raise UsageError(f"-o {out}: {source.path} is a pickled module; pass --arch pkg.module:factory so the "
+                             "output can be rebuilt without unpickling, or write a .pt with --pickle")
+        atomic_write(out, lambda tmp: torch.save(module, tmp))
+        return out
+    tensors, aliases = _tensors_to_save(module, recipe)
+    text = recipes.dumps(recipe)
+    if source.kind == "hf":
+        if suffix in _MODEL_SUFFIXES:
+            raise UsageError(f"-o {out}: a Hugging Face model is written as a folder (config.json + "
+                             "model.safetensors); pass a folder path, or -o x.pt2 / --pickle")
+
+        def fill(tmp: Path) -> None:
+            for f in source.path.iterdir():
+                if f.is_file() and not f.name.endswith(_HF_SKIP_SUFFIXES):
+                    shutil.copy2(f, tmp / f.name)
+            _write_safetensors(tmp / "model.safetensors", tensors, text, aliases)
+
+        _atomic_dir(out, fill)
+        return out
+    if suffix == ".safetensors":
+        atomic_write(out, lambda tmp: _write_safetensors(tmp, tensors, text, aliases))
+    else:
+        # a dict of tensors and a string: torch.load(weights_only=True) reads it, no code runs
+        full = dict(tensors)
+        for alias, kept in aliases.items():
+            full[alias] = tensors[kept]
+        atomic_write(out, lambda tmp: torch.save({"state_dict": full, _RECIPE_KEY: text}, tmp))
     return out
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], recipe_text: str, aliases: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"format": "pt", _RECIPE_KEY: recipe_text}
+    if aliases:
+        meta[_ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
+    save_file(tensors, str(path), metadata=meta)

@@ -7,9 +7,12 @@ and to write files by the same rules (DESIGN.md, "Model files").
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from rich.console import Console
@@ -17,7 +20,7 @@ from rich.table import Table
 from torch import nn
 
 from normfold.check.compare import OutputComparison, compare_outputs, max_errors
-from normfold.errors import InputError, UsageError
+from normfold.errors import InputError
 from normfold.inputs import infer_input_shapes, model_dtype_device, parse_shape, random_inputs, run_model
 from normfold.io import LoadedModel, default_output_path, load_model, save_model
 from normfold.passes.base import PassResult, copy_module
@@ -50,8 +53,11 @@ def final_line(text: str) -> None:
 
 def add_model_arguments(p: argparse.ArgumentParser, *, inputs: bool = True) -> None:
     """MODEL, --arch, --trust and (optionally) --input-shape / --seed."""
-    p.add_argument("model", metavar="MODEL", help="model file: .pt/.pth (state_dict or, with --trust, a pickled module) or .pt2")
-    p.add_argument("--arch", metavar="PKG.MODULE:FACTORY", help="factory that builds the model, for a state_dict file")
+    p.add_argument("model", metavar="MODEL", help="model file: .safetensors or .pt/.pth (a state_dict; or, with --trust, "
+                                                  "a pickled module), a Hugging Face save_pretrained folder, or .pt2")
+    p.add_argument("--arch", metavar="PKG.MODULE:FACTORY",
+                   help="how to build the model for a weights file: pkg.module:factory, pkg.module:factory(k=v) "
+                        "(literal arguments), timm:NAME or ./file.py:factory")
     p.add_argument("--trust", action="store_true",
                    help="allow unpickling a whole nn.Module (this runs code from the file: only for files you trust)")
     if inputs:
@@ -63,18 +69,73 @@ def add_model_arguments(p: argparse.ArgumentParser, *, inputs: bool = True) -> N
 
 def add_output_argument(p: argparse.ArgumentParser, step: str) -> None:
     p.add_argument("-o", "--output", metavar="OUT",
-                   help=f"where to write the result (default: <stem>.{step}<suffix> beside the input; never the input)")
+                   help=f"where to write the result (default: <stem>.{step}.safetensors beside the input, a folder for "
+                        "a Hugging Face folder, .pt2 for a .pt2; never the input). .safetensors/.pt hold the weights and "
+                        "normfold's recorded edits (no pickled code); .pt2 re-exports the model")
+    p.add_argument("--pickle", action="store_true",
+                   help="write a pickled whole module (.pt) instead; reading it back needs --trust")
 
 
-def load_from_args(args: argparse.Namespace) -> LoadedModel:
-    return load_model(args.model, trust=args.trust, arch=args.arch)
+def load_from_args(args: argparse.Namespace, console: Console | None = None, *, path: str | None = None,
+                   what: str = "MODEL") -> LoadedModel:
+    """Load MODEL (or ``path``) and turn it into its eval form (:func:`normfold.pipeline.eval_form`).
+
+    A state_dict has no mode and a pickled module saved in training mode is
+    meant for eval: the command rewrites, checks and writes the eval form,
+    saying so in one line when the file itself was in training mode. A .pt2's
+    module is wrapped so that it runs (and compares) in eval; ``loaded.module``
+    is the eval form afterwards. Model code that calls ``sys.exit`` while the
+    model is built is unusable input (exit 2), not a silent exit 0.
+    """
+    from normfold.errors import ModelLoadError
+    from normfold.pipeline import eval_form
+
+    target = path if path is not None else args.model
+    try:
+        loaded = load_model(target, trust=args.trust, arch=args.arch)
+    except SystemExit as exc:
+        how = f" with --arch {args.arch}" if args.arch else ""
+        raise ModelLoadError(f"building {what} {target}{how} called sys.exit({exc.code!r}); name a factory that "
+                             "returns the model") from None
+    module, note = eval_form(loaded)
+    loaded.module = module
+    if note and console is not None:
+        console.print(note, markup=False, highlight=False)
+    return loaded
+
+
+def add_safety_arguments(p: argparse.ArgumentParser, *, noop: bool = True) -> None:
+    """--max-input-bytes and (for commands that rewrite) --allow-noop."""
+    from normfold.pipeline import DEFAULT_MAX_INPUT_BYTES
+
+    p.add_argument("--max-input-bytes", type=int, default=DEFAULT_MAX_INPUT_BYTES, metavar="N",
+                   help=f"refuse random inputs that take more than N bytes to create (default {DEFAULT_MAX_INPUT_BYTES}"
+                        ", 2 GiB)")
+    if noop:
+        p.add_argument("--allow-noop", action="store_true",
+                       help="exit 0 even when nothing was rewritten (by default that is a failure, exit 1, so that a "
+                            "CI step that folds nothing does not pass)")
+
+
+def check_output(value: str | Path, flag: str, *inputs: Any) -> Path:
+    """Refuse an output path before the work (:func:`normfold.pipeline.check_writable`); an existing folder
+    follows :func:`normfold.io.check_output_path` (a Hugging Face folder normfold wrote may be replaced)."""
+    from normfold.io import check_output_path
+    from normfold.pipeline import check_writable
+
+    if Path(value).is_dir():
+        return check_output_path(value, inputs[0] if inputs else None)
+    return check_writable(value, flag=flag, inputs=[str(i) for i in inputs if i])
 
 
 def resolve_inputs(args: argparse.Namespace, model: nn.Module, console: Console) -> tuple[torch.Tensor, ...]:
     """Seeded inputs from --input-shape, or from a shape inferred from the first layer (said on one line)."""
+    from normfold.pipeline import check_input_size
+
     dtype, device = model_dtype_device(model)
     if args.input_shape:
         shapes = [parse_shape(s) for s in args.input_shape]
+        check_input_size(shapes, dtype, limit=getattr(args, "max_input_bytes", None))
         inputs = random_inputs(shapes, seed=args.seed, dtype=dtype, device=device)
         try:
             run_model(model, inputs)
@@ -83,10 +144,14 @@ def resolve_inputs(args: argparse.Namespace, model: nn.Module, console: Console)
             shown = " ".join(f"--input-shape {s}" for s in args.input_shape)
             raise InputError(f"{shown} does not fit the model ({type(exc).__name__}: {head}); "
                              "pass the shape its forward() expects") from exc
+        args.example_inputs = inputs  # for writing a .pt2 (-o x.pt2 re-exports with them)
         return inputs
     inferred = infer_input_shapes(model)
     console.print(f"[dim]{inferred.reason}[/dim]")
-    return random_inputs(inferred.shapes, seed=args.seed, dtype=dtype, device=device, integer_high=inferred.integer_high)
+    inputs = random_inputs(inferred.shapes, seed=args.seed, dtype=dtype, device=device,
+                           integer_high=inferred.integer_high)
+    args.example_inputs = inputs  # for writing a .pt2 (-o x.pt2 re-exports with them)
+    return inputs
 
 
 @dataclass
@@ -155,18 +220,46 @@ def print_comparison(console: Console, v: Verification) -> None:
 
 
 def output_path(args: argparse.Namespace, loaded: LoadedModel, step: str) -> Path:
-    return Path(args.output) if args.output else default_output_path(loaded.path, step)
+    return Path(args.output) if args.output else default_output_path(loaded, step, pickle=getattr(args, "pickle", False))
 
 
 def write_model(args: argparse.Namespace, loaded: LoadedModel, module: nn.Module, step: str,
                 program: Any = None) -> Path:
     """Write atomically beside the input (or to -o), never over the input."""
     out = output_path(args, loaded, step)
-    if out.suffix == ".pt2" and program is None:
-        raise UsageError(f"-o {out}: .pt2 holds an ExportedProgram; write the rewritten nn.Module to a .pt file")
-    return save_model(module, out, input_path=loaded.path, program=program)
+    return save_model(module, out, source=loaded, program=program, pickle=getattr(args, "pickle", False),
+                      example_inputs=getattr(args, "example_inputs", None))
 
 
 def working_copy(module: nn.Module) -> nn.Module:
     """A deep copy for the rewrite, so the loaded original stays the reference."""
     return copy_module(module)
+
+
+@contextlib.contextmanager
+def quiet_tracing(*, enabled: bool = True) -> Iterator[None]:
+    """Silence what torch.fx / torch.export print while normfold traces a model (graph dumps, guard logs).
+
+    Those messages are written for torch developers through the ``torch``
+    loggers and ``warnings``; a command's user acts on normfold's own lines
+    (a Skip with its reason), and ``-v`` (``enabled=False``) shows them all.
+    """
+    if not enabled:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _TORCH_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+#: the loggers torch.fx, torch.export and the ONNX exporter report tracing problems on
+_TORCH_LOGGERS = ("torch", "torch.fx", "torch.export", "torch._export", "torch._dynamo", "torch.onnx",
+                  "torch.fx.experimental.symbolic_shapes", "onnxscript")

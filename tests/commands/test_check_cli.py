@@ -121,7 +121,7 @@ def test_fold_onnx_check_folds_exports_checks_and_writes_everything(files, tmp_p
     assert "batch_independence[onnx]" in out  # the full checker ran
     last = out.strip().splitlines()[-1]
     assert last.startswith("PASSED: ") and "wrote" in last
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.folded.pt", "model.onnx", "model.pt", "r.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.folded.safetensors", "model.onnx", "model.pt", "r.json"]
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] and report["onnx"]["path"] == str(onnx_out)
 

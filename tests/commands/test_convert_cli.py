@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import normfold as nf
 from normfold.demo import build_demo_model
 from normfold.passes.freeze_batchnorm import FrozenAffine
 from tests.conftest import assert_models_close, assert_state_equal, run_eval, state_snapshot
@@ -33,10 +34,10 @@ def test_groupnorm_naive_and_warm_started(state_dict_file: Path, tmp_path: Path,
     code, out, err = _run(_args(state_dict_file, "--to", "groupnorm"), capsys)
     assert code == 0, err
     assert _digest(state_dict_file) == before
-    naive_path = state_dict_file.with_name("model.groupnorm.pt")
+    naive_path = state_dict_file.with_name("model.groupnorm.safetensors")
     assert "converted 6 layer(s) to groupnorm (approximate), left 0 alone" in out
     assert "measured, not checked" in out
-    naive = torch.load(naive_path, weights_only=False)
+    naive = nf.load(naive_path, arch=ARCH)
     assert sum(isinstance(m, nn.GroupNorm) for m in naive.modules()) == 6
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in naive.modules())
 
@@ -46,7 +47,7 @@ def test_groupnorm_naive_and_warm_started(state_dict_file: Path, tmp_path: Path,
                                 "--sequential", "-o", str(tmp_path / "warm.pt")), capsys)
     assert code == 0, err
     assert "warm-started by least squares" in out
-    warm = torch.load(tmp_path / "warm.pt", weights_only=False)
+    warm = nf.load(tmp_path / "warm.pt", arch=ARCH)
     original = build_demo_model(seed=3)
     x = torch.randn(16, 3, 32, 32) * 2 + 0.5
     ref = run_eval(original, (x,))
@@ -56,13 +57,13 @@ def test_groupnorm_naive_and_warm_started(state_dict_file: Path, tmp_path: Path,
 def test_syncbn_and_back_round_trip(state_dict_file: Path, tmp_path: Path, capsys) -> None:
     code, out, err = _run(_args(state_dict_file, "--to", "syncbn"), capsys)
     assert code == 0, err
-    sync_path = state_dict_file.with_name("model.syncbn.pt")
+    sync_path = state_dict_file.with_name("model.syncbn.safetensors")
     assert "(exact)" in out and sum(isinstance(m, nn.SyncBatchNorm) for m in
-                                    torch.load(sync_path, weights_only=False).modules()) == 6
-    code, out, err = _run(["convert", str(sync_path), "--trust", "--input-shape", SHAPE, "--to", "batchnorm",
+                                    nf.load(sync_path, arch=ARCH).modules()) == 6
+    code, out, err = _run(["convert", str(sync_path), "--arch", ARCH, "--input-shape", SHAPE, "--to", "batchnorm",
                            "-o", str(tmp_path / "back.pt")], capsys)
     assert code == 0, err
-    back = torch.load(tmp_path / "back.pt", weights_only=False)
+    back = nf.load(tmp_path / "back.pt", arch=ARCH)
     original = build_demo_model(seed=3)
     assert [type(m) for m in back.modules()] == [type(m) for m in original.modules()]
     assert_state_equal(back, state_snapshot(original))
@@ -71,16 +72,16 @@ def test_syncbn_and_back_round_trip(state_dict_file: Path, tmp_path: Path, capsy
 def test_frozen_and_back(state_dict_file: Path, tmp_path: Path, capsys) -> None:
     code, out, err = _run(_args(state_dict_file, "--to", "frozen"), capsys)
     assert code == 0, err
-    frozen_path = state_dict_file.with_name("model.frozen.pt")
-    frozen = torch.load(frozen_path, weights_only=False)
+    frozen_path = state_dict_file.with_name("model.frozen.safetensors")
+    frozen = nf.load(frozen_path, arch=ARCH)
     assert sum(isinstance(m, FrozenAffine) for m in frozen.modules()) == 6
     original = build_demo_model(seed=3)
     x = torch.randn(4, 3, 32, 32)
     assert_models_close(frozen, original, (x,))
-    code, out, err = _run(["convert", str(frozen_path), "--trust", "--to", "batchnorm", "-q"], capsys)
+    code, out, err = _run(["convert", str(frozen_path), "--arch", ARCH, "--to", "batchnorm", "-q"], capsys)
     assert code == 0, err
     assert out.strip().startswith("converted 6 layer(s) to batchnorm (exact)") and len(out.strip().splitlines()) == 1
-    back = torch.load(state_dict_file.with_name("model.frozen.batchnorm.pt"), weights_only=False)
+    back = nf.load(state_dict_file.with_name("model.frozen.batchnorm.safetensors"), arch=ARCH)
     assert_state_equal(back, state_snapshot(original))
 
 
@@ -140,7 +141,7 @@ def test_exact_conversion_that_does_not_match_exits_1_and_writes_nothing(state_d
     code, out, err = _run(_args(state_dict_file, "--to", "frozen"), capsys)
     assert code == 1
     assert "FAILED: the converted model differs from the original" in out and "nothing written" in out
-    assert not state_dict_file.with_name("model.frozen.pt").exists()
+    assert not state_dict_file.with_name("model.frozen.safetensors").exists()
 
 
 def test_approximate_conversion_with_nan_exits_1(state_dict_file: Path, capsys, monkeypatch) -> None:
@@ -157,4 +158,4 @@ def test_approximate_conversion_with_nan_exits_1(state_dict_file: Path, capsys, 
     monkeypatch.setattr(bg, "batchnorm_to_groupnorm", broken)
     code, out, err = _run(_args(state_dict_file, "--to", "groupnorm"), capsys)
     assert code == 1 and "NaN" in out and "nothing written" in out
-    assert not state_dict_file.with_name("model.groupnorm.pt").exists()
+    assert not state_dict_file.with_name("model.groupnorm.safetensors").exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import normfold as nf
 from normfold.demo import build_demo_model
 from tests.commands._cli import digest as _digest, run_cli as _run
 
@@ -33,12 +34,12 @@ def test_fold_state_dict_writes_folded_model_beside_input(state_dict_file: Path,
     before = _digest(state_dict_file)
     code, out, err = _run(["fold", str(state_dict_file), "--arch", ARCH, "--input-shape", "2,3,32,32"], capsys)
     assert code == 0, err
-    out_path = state_dict_file.with_name("model.folded.pt")
+    out_path = state_dict_file.with_name("model.folded.safetensors")
     assert out_path.exists()
     assert _digest(state_dict_file) == before
     assert "folded 5 BatchNorm layer(s), left 1 alone" in out
     assert "skip_conv output has 2 users" in out
-    folded = torch.load(out_path, weights_only=False)
+    folded = nf.load(out_path, arch=ARCH)
     original = build_demo_model(seed=3)
     x = torch.randn(5, 3, 32, 32) * 3 + 1
     with torch.no_grad():

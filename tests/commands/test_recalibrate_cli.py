@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from normfold.commands.recalibrate import visiting_order
+import normfold as nf
 from normfold.demo import build_demo_model
 from normfold.recalibrate import recalibrate
 from normfold.tolerances import RECALIBRATE
@@ -58,10 +59,10 @@ def test_tensor_file_gives_the_library_result_and_writes_beside_the_input(model_
     code, out, err = _run(["recalibrate", str(model_file), "--arch", ARCH, "--data", str(data), "--batch-size", "16"],
                           capsys)
     assert code == 0, err
-    written = tmp_path / "model.recalibrated.pt"
+    written = tmp_path / "model.recalibrated.safetensors"
     assert written.exists() and (_digest(model_file), _digest(data)) == before
     expected = recalibrate(build_demo_model(seed=3), _visited(_data(), 16), progress=False)
-    _assert_same_stats(torch.load(written, weights_only=False), expected.model)
+    _assert_same_stats(nf.load(written, arch=ARCH), expected.model)
     last = out.strip().splitlines()[-1]
     assert last.startswith("recalibrated 6 BatchNorm layer(s) (population, 3 batch(es), 40 samples)") and str(written) in last
     for path in ("stem.1", "block_bn", "fc_bn"):
@@ -78,7 +79,7 @@ def test_seed_sets_the_visiting_order(model_file: Path, tmp_path: Path, capsys) 
         code, out, err = _run(["recalibrate", str(model_file), "--arch", ARCH, "--data", str(data), "--batch-size",
                                "8", "--max-batches", "1", "--seed", seed, "-o", str(out_file), "-q"], capsys)
         assert code == 0, err
-        runs[seed] = torch.load(out_file, weights_only=False)
+        runs[seed] = nf.load(out_file, arch=ARCH)
     expected = recalibrate(build_demo_model(seed=3), _visited(_data(24), 8, seed=5), max_batches=1, progress=False)
     _assert_same_stats(runs["5"], expected.model)
     assert not torch.allclose(runs["0"].stem[1].running_mean, runs["5"].stem[1].running_mean)
@@ -103,7 +104,7 @@ def test_numpy_and_dict_files(kind: str, model_file: Path, tmp_path: Path, capsy
     assert out.strip().splitlines() == [out.strip().splitlines()[-1]], "-q prints only the final line"
     expected = recalibrate(build_demo_model(seed=3), _visited(x, 8), estimator="cumulative", max_batches=2,
                            progress=False)
-    _assert_same_stats(torch.load(out_file, weights_only=False), expected.model)
+    _assert_same_stats(nf.load(out_file, arch=ARCH), expected.model)
 
 
 def _write_images(folder: Path, n: int, size: tuple[int, int] = (SIZE, SIZE), seed: int = 0) -> list[np.ndarray]:
@@ -130,7 +131,7 @@ def test_image_folder_is_scaled_normalized_and_matches_the_library(model_file: P
     mean = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
     x = (torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255 - mean) / 0.25
     expected = recalibrate(build_demo_model(seed=3), _visited(x, 4), progress=False)
-    _assert_same_stats(torch.load(out_file, weights_only=False), expected.model)
+    _assert_same_stats(nf.load(out_file, arch=ARCH), expected.model)
 
 
 def test_image_folder_resizes_with_image_size(model_file: Path, tmp_path: Path, capsys) -> None:

@@ -1,0 +1,382 @@
+"""Structural edits as data: record what a rewrite changed in a module tree, and replay it without unpickling.
+
+A rewritten model no longer fits the factory it came from (a BatchNorm became
+``nn.Identity``, a conv gained a bias, a BatchNorm became ``FrozenAffine``),
+so its weights alone cannot be loaded back. Instead of pickling the whole
+module, normfold writes the weights (safetensors) and a *recipe*: the
+difference between the rewritten tree and a fresh build of the original
+(the ``--arch`` factory or the Hugging Face class). Loading builds the model
+again, replays the recipe and loads the weights strictly.
+
+The recipe is derived generically, so every pass (fold, conversions,
+recalibration, weight-norm bakes, RMSNorm) is covered without each one
+writing its own record. For every module path of the rewritten tree:
+
+* ``replace``: the module's class differs from the fresh build's (or the path
+  is new). The record holds the class (``module.qualname``), its plain
+  attributes (numbers, strings, booleans, tuples, dtypes), its parameter and
+  buffer tables (name -> shape, dtype) and its children's order. Replay makes
+  the object with ``cls.__new__`` + ``nn.Module.__init__`` and sets that
+  state: no constructor and no code from the file runs.
+* ``patch``: same class, different state (a parameter appeared or vanished,
+  an attribute changed, hooks were removed, a child was removed). Replay
+  edits the freshly built module in place.
+
+Only classes from an allow-list are rebuilt: ``torch.nn``, normfold's own
+modules and the modules the original model's own classes live in. Anything
+else (a ``torch.fx.GraphModule``, a module holding a callable or a
+non-tensor object) raises :class:`RecipeError`, whose message says to write
+a pickled module instead (``--pickle``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from normfold.errors import ModelLoadError
+
+__all__ = ["RecipeError", "RECIPE_VERSION", "derive_recipe", "apply_recipe", "dumps", "loads"]
+
+RECIPE_VERSION = 1
+
+# Attributes nn.Module.__init__ creates: module machinery, never recorded as state.
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_parameters", "_buffers", "_modules", "training"}
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+class RecipeError(ModelLoadError):
+    """The rewritten model holds something a recipe cannot rebuild safely."""
+
+
+# ---------------------------------------------------------------------------------------------------- values
+
+
+def _encode(value: Any, where: str, allowed: Iterable[str] = ()) -> Any:
+    """A plain attribute value as JSON (tuples, dtypes and allowed classes/functions tagged so they come back)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return {"__float__": repr(value)}
+        return value
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, where, allowed) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, where, allowed) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"__dict__": {k: _encode(v, f"{where}[{k!r}]", allowed) for k, v in value.items()}}
+    if isinstance(value, torch.dtype):
+        return {"__dtype__": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.Size):
+        return {"__tuple__": [int(v) for v in value]}
+    # a class or function by name (ResNet keeps its norm layer class, blocks keep an activation function):
+    # rebuilt by import from the same allow-list as module classes
+    module_name = getattr(value, "__module__", None)
+    qualname = getattr(value, "__qualname__", None)
+    if (isinstance(value, type) or callable(value)) and isinstance(module_name, str) and isinstance(qualname, str) \
+            and "<" not in qualname and any((module_name + ".").startswith(p) for p in allowed):
+        return {"__object__": f"{module_name}:{qualname}"}
+    raise RecipeError(f"{where} holds a {type(value).__name__}, which a safe (non-pickled) file cannot record; "
+                      "write a pickled module instead (--pickle)")
+
+
+def _decode(value: Any, allowed: set[str]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, allowed) for v in value]
+    if isinstance(value, dict):
+        if "__tuple__" in value:
+            return tuple(_decode(v, allowed) for v in value["__tuple__"])
+        if "__dict__" in value:
+            return {str(k): _decode(v, allowed) for k, v in value["__dict__"].items()}
+        if "__object__" in value:
+            return _import_allowed(str(value["__object__"]), allowed)
+        if "__dtype__" in value:
+            dt = getattr(torch, str(value["__dtype__"]), None)
+            if not isinstance(dt, torch.dtype):
+                raise ModelLoadError(f"recipe names an unknown dtype {value['__dtype__']!r}")
+            return dt
+        if "__float__" in value:
+            return float(value["__float__"])
+        raise ModelLoadError(f"recipe holds an unknown value {value!r}")
+    return value
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ModelLoadError(f"recipe names an unknown dtype {name!r}")
+    return dt
+
+
+# ---------------------------------------------------------------------------------------------------- derive
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _raw_attrs(module: nn.Module) -> dict[str, Any]:
+    return {k: v for k, v in vars(module).items() if k not in _MODULE_INTERNALS and not k.startswith("__")}
+
+
+def _plain_attrs(module: nn.Module, path: str, allowed: Iterable[str]) -> dict[str, Any]:
+    return {name: _encode(value, f"{path or '<model>'}.{name}", allowed) for name, value in _raw_attrs(module).items()}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # tensors and other values without a plain ==: different unless the same object
+        return False
+
+
+def _tensor_table(tensors: dict[str, torch.Tensor | None]) -> dict[str, Any]:
+    return {name: None if t is None else {"shape": list(t.shape), "dtype": _dtype_name(t.dtype),
+                                          "requires_grad": bool(t.requires_grad)}
+            for name, t in tensors.items()}
+
+
+def _tables(module: nn.Module) -> dict[str, Any]:
+    return {
+        "params": _tensor_table(dict(module._parameters)),
+        "buffers": _tensor_table(dict(module._buffers)),
+        "non_persistent": sorted(module._non_persistent_buffers_set),
+    }
+
+
+def _state(module: nn.Module, path: str, allowed: Iterable[str]) -> dict[str, Any]:
+    return {
+        "attrs": _plain_attrs(module, path, allowed),
+        "params": _tensor_table(dict(module._parameters)),
+        "buffers": _tensor_table(dict(module._buffers)),
+        "non_persistent": sorted(module._non_persistent_buffers_set),
+        "children": list(module._modules),
+        "training": bool(module.training),
+    }
+
+
+def _hook_count(module: nn.Module) -> int:
+    return sum(len(getattr(module, name, {}) or {}) for name in _HOOK_DICTS)
+
+
+def _allowed_prefixes(base: nn.Module) -> set[str]:
+    """torch.nn, normfold and the modules the original model's classes come from."""
+    prefixes = {"torch.nn.", "normfold."}
+    for m in base.modules():
+        prefixes.add(type(m).__module__ + ".")
+    return prefixes
+
+
+def _check_allowed(cls: type, allowed: Iterable[str], path: str) -> None:
+    name = cls.__module__ + "."
+    if not any(name.startswith(p) for p in allowed) or "<locals>" in cls.__qualname__:
+        raise RecipeError(f"{path or '<model>'} is a {cls.__module__}.{cls.__qualname__}, not a class a safe file may "
+                          "rebuild (torch.nn, normfold, or the original model's own classes); write a pickled module "
+                          "instead (--pickle)")
+
+
+def derive_recipe(base: nn.Module, rewritten: nn.Module) -> dict[str, Any]:
+    """The edits that turn ``base`` (a fresh build of the original) into the structure of ``rewritten``.
+
+    Only structure is recorded (classes, attributes, parameter/buffer names,
+    shapes and dtypes); the values travel as weights beside the recipe.
+    """
+    allowed = _allowed_prefixes(base)
+    base_modules = dict(base.named_modules(remove_duplicate=False))
+    edits: list[dict[str, Any]] = []
+    replaced: list[str] = []
+    seen: dict[int, str] = {}
+    for path, module in rewritten.named_modules(remove_duplicate=False):
+        if id(module) in seen:
+            edits.append({"op": "alias", "path": path, "of": seen[id(module)]})
+            continue
+        seen[id(module)] = path
+        if _hook_count(module) and (path not in base_modules or _hook_count(module) > _hook_count(base_modules[path])):
+            raise RecipeError(f"{path or '<model>'} carries hooks (weight_norm, spectral_norm or user hooks) that a "
+                              "safe file cannot record; bake them first or write a pickled module (--pickle)")
+        cls = type(module)
+        inside_replaced = any(path.startswith(r + ".") or r == "" for r in replaced)
+        old = base_modules.get(path)
+        if inside_replaced or old is None or type(old) is not cls:
+            _check_allowed(cls, allowed, path)
+            if cls is torch.fx.GraphModule or isinstance(module, torch.fx.GraphModule):
+                raise RecipeError(f"{path or '<model>'} is a torch.fx GraphModule (generated code); "
+                                  "write a pickled module instead (--pickle)")
+            edits.append({"op": "replace", "path": path, "class": _qualname(cls), **_state(module, path, allowed)})
+            replaced.append(path)
+            continue
+        new_attrs, old_attrs = _raw_attrs(module), _raw_attrs(old)
+        changed_attrs = {k: _encode(v, f"{path or '<model>'}.{k}", allowed) for k, v in new_attrs.items()
+                         if k not in old_attrs or not _same(old_attrs[k], v)}
+        removed_attrs = [k for k in old_attrs if k not in new_attrs]
+        new_tables, old_tables = _tables(module), _tables(old)
+        tables_differ = new_tables != old_tables
+        children_differ = list(module._modules) != list(old._modules)
+        clear_hooks = _hook_count(module) == 0 and _hook_count(old) > 0
+        if changed_attrs or removed_attrs or tables_differ or children_differ or clear_hooks:
+            edit: dict[str, Any] = {"op": "patch", "path": path}
+            if changed_attrs:
+                edit["attrs"] = changed_attrs
+            if removed_attrs:
+                edit["remove_attrs"] = removed_attrs
+            if tables_differ:
+                edit.update(new_tables)
+            if children_differ:
+                edit["children"] = list(module._modules)
+            if clear_hooks:
+                edit["clear_hooks"] = True
+            edits.append(edit)
+    return {"version": RECIPE_VERSION, "edits": edits, "training": bool(rewritten.training)}
+
+
+# ---------------------------------------------------------------------------------------------------- apply
+
+
+def _import_allowed(qualname: str, allowed: set[str]) -> Any:
+    mod_name, _, attr = qualname.partition(":")
+    if not any((mod_name + ".").startswith(p) for p in allowed) or not attr:
+        raise ModelLoadError(f"the file's recipe names {qualname!r}, which is outside torch.nn, normfold and "
+                             "the model's own modules; refusing to import it")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ModelLoadError(f"the file's recipe names {qualname!r}, which cannot be imported here ({exc}); "
+                             "install the normfold/torch version that wrote it") from exc
+    return obj
+
+
+def _resolve_class(qualname: str, allowed: set[str]) -> type:
+    obj = _import_allowed(qualname, allowed)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ModelLoadError(f"the file's recipe names {qualname!r}, which is not an nn.Module class")
+    return obj
+
+
+def _set_tables(module: nn.Module, edit: dict[str, Any]) -> None:
+    for name, spec in edit.get("params", {}).items():
+        old = module._parameters.get(name)
+        if spec is None:
+            module._parameters[name] = None
+        elif old is None or list(old.shape) != spec["shape"] or _dtype_name(old.dtype) != spec["dtype"]:
+            module._parameters[name] = nn.Parameter(torch.empty(spec["shape"], dtype=_dtype(spec["dtype"])),
+                                                    requires_grad=bool(spec["requires_grad"]))
+    for name in [n for n in module._parameters if n not in edit.get("params", {})]:
+        del module._parameters[name]
+    for name, spec in edit.get("buffers", {}).items():
+        old = module._buffers.get(name)
+        if spec is None:
+            module._buffers[name] = None
+        elif old is None or list(old.shape) != spec["shape"] or _dtype_name(old.dtype) != spec["dtype"]:
+            module._buffers[name] = torch.empty(spec["shape"], dtype=_dtype(spec["dtype"]))
+    for name in [n for n in module._buffers if n not in edit.get("buffers", {})]:
+        del module._buffers[name]
+    module._non_persistent_buffers_set = set(edit.get("non_persistent", []))
+
+
+def _set_attrs(module: nn.Module, attrs: dict[str, Any], path: str, allowed: set[str]) -> None:
+    for name, value in attrs.items():
+        if not name.isidentifier() or name.startswith("__") or name in _MODULE_INTERNALS:
+            raise ModelLoadError(f"the file's recipe sets an invalid attribute {name!r} on {path or '<model>'}")
+        try:
+            object.__setattr__(module, name, _decode(value, allowed))
+        except (AttributeError, TypeError) as exc:
+            raise ModelLoadError(f"the file's recipe cannot set {path or '<model>'}.{name}: {exc}") from exc
+
+
+def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    return (root.get_submodule(parent_path) if parent_path else root), name
+
+
+def apply_recipe(base: nn.Module, recipe: dict[str, Any]) -> nn.Module:
+    """Replay ``recipe`` on ``base`` (a fresh build of the original model); returns the rebuilt model.
+
+    The result has the rewritten model's structure with uninitialized new
+    tensors: load the saved weights into it strictly.
+    """
+    if not isinstance(recipe, dict) or recipe.get("version") != RECIPE_VERSION:
+        raise ModelLoadError(f"the file's recipe has version {recipe.get('version') if isinstance(recipe, dict) else '?'}"
+                             f"; this normfold reads version {RECIPE_VERSION}: upgrade normfold")
+    allowed = _allowed_prefixes(base)
+    root = base
+    for edit in recipe.get("edits", []):
+        op, path = edit.get("op"), str(edit.get("path", ""))
+        if op == "alias":
+            target = root.get_submodule(edit["of"]) if edit["of"] else root
+            parent, name = _parent(root, path)
+            parent._modules[name] = target
+        elif op == "replace":
+            cls = _resolve_class(str(edit["class"]), allowed)
+            module = cls.__new__(cls)
+            nn.Module.__init__(module)
+            _set_attrs(module, edit.get("attrs", {}), path, allowed)
+            _set_tables(module, edit)
+            # children come from their own (later) records; keep the order here
+            for child in edit.get("children", []):
+                module._modules[child] = None
+            module.training = bool(edit.get("training", True))
+            if path == "":
+                root = module
+            else:
+                parent, name = _parent(root, path)
+                parent._modules[name] = module
+        elif op == "patch":
+            module = root.get_submodule(path) if path else root
+            _set_attrs(module, edit.get("attrs", {}), path, allowed)
+            for name in edit.get("remove_attrs", []):
+                module.__dict__.pop(name, None)
+            if "params" in edit:
+                _set_tables(module, edit)
+            if "children" in edit:
+                keep = edit["children"]
+                module._modules = {k: module._modules.get(k) for k in keep}  # type: ignore[assignment]
+            if edit.get("clear_hooks"):
+                for name in _HOOK_DICTS:
+                    getattr(module, name).clear()
+        else:
+            raise ModelLoadError(f"the file's recipe has an unknown edit {op!r}")
+    missing = [p for p, m in _walk(root) if m is None]
+    if missing:
+        raise ModelLoadError(f"the file's recipe leaves {missing[0]} empty; the file is damaged")
+    root.train(bool(recipe.get("training", False)))
+    return root
+
+
+def _walk(root: nn.Module, prefix: str = "") -> Iterable[tuple[str, nn.Module | None]]:
+    for name, child in root._modules.items():
+        path = f"{prefix}.{name}" if prefix else name
+        yield path, child
+        if child is not None:
+            yield from _walk(child, path)
+
+
+def dumps(recipe: dict[str, Any]) -> str:
+    """The recipe as a compact JSON string (safetensors metadata values are strings)."""
+    return json.dumps(recipe, separators=(",", ":"), sort_keys=True)
+
+
+def loads(text: str) -> dict[str, Any]:
+    """Parse a recipe written by :func:`dumps`."""
+    try:
+        recipe = json.loads(text)
+    except ValueError as exc:
+        raise ModelLoadError(f"the file's normfold recipe is not valid JSON ({exc}); the file is damaged") from exc
+    if not isinstance(recipe, dict):
+        raise ModelLoadError("the file's normfold recipe is not a JSON object; the file is damaged")
+    return recipe
