@@ -7,11 +7,25 @@ stderr to say so. normfold therefore never trusts the available list: the
 provider used is ``session.get_providers()[0]``, and the reason a requested
 provider did not start is read from what onnxruntime printed while the session
 was created (captured from file descriptor 2, and logged at debug level).
+
+The CUDA provider needs the CUDA and cuDNN libraries that torch's nvidia
+wheels ship. Whether onnxruntime finds them depends on torch having loaded
+them first (onnxruntime's CUDA 12/13 wheel split broke its own lookup for
+some installs), so before a CUDA session is created normfold imports torch
+and calls ``onnxruntime.preload_dlls()`` where it exists, and the provider
+line says which CUDA/cuDNN libraries the process holds and who loaded them.
+
+``require="cuda"`` (``--require-provider cuda``) also sets the session
+option ``session.disable_cpu_ep_fallback`` and leaves the CPU provider out,
+so that "ran on CUDA" holds for every node: onnxruntime then refuses a
+session in which any node would run on the CPU. normfold reports that
+refusal as the reason CUDA did not run and compares on a CPU session.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
@@ -26,7 +40,8 @@ import torch
 
 from normfold.errors import ModelLoadError, UsageError
 
-__all__ = ["PROVIDER_ALIASES", "resolve_providers", "OrtRuntime", "create_session", "short_provider"]
+__all__ = ["PROVIDER_ALIASES", "resolve_providers", "OrtRuntime", "create_session", "short_provider",
+           "preload_cuda_libraries", "FALLBACK_OPTION"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +64,82 @@ PROVIDER_ALIASES: dict[str, str] = {
 
 #: the last reason onnxruntime gave for each provider that did not start, in this process
 _LAST_REASON: dict[str, str] = {}
+
+#: the session option that stops onnxruntime from placing nodes on the CPU provider
+FALLBACK_OPTION = "session.disable_cpu_ep_fallback"
+
+#: what preload_cuda_libraries found, once per process
+_PRELOAD_NOTE: str | None = None
+
+_CUDA_LIBRARY = re.compile(r"lib(cudart|cudnn[a-z_]*|cublas(Lt)?|cufft|curand|nvrtc|nvJitLink|cusparse|cusolver)"
+                           r"[.-][^/]*$")
+
+
+def _cuda_libraries_loaded() -> dict[str, str]:
+    """CUDA/cuDNN shared libraries mapped into this process: file name -> path (Linux: /proc/self/maps)."""
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and _CUDA_LIBRARY.match(os.path.basename(parts[-1])):
+                    found.setdefault(os.path.basename(parts[-1]), parts[-1])
+    except OSError:
+        pass
+    return found
+
+
+def _library_summary(names: Sequence[str]) -> str:
+    key = ("libcudart", "libcudnn.", "libcublas.")
+    shown = sorted(n for n in names if n.startswith(key))
+    rest = len(names) - len(shown)
+    return ", ".join(shown) + (f" and {rest} more" if rest > 0 else "")
+
+
+def preload_cuda_libraries(ort: Any | None = None) -> str:
+    """Load CUDA and cuDNN for onnxruntime's CUDA provider; one sentence saying what was loaded, or why not.
+
+    torch is imported first (its CUDA build loads the libraries its nvidia
+    wheels ship); then ``onnxruntime.preload_dlls()`` (onnxruntime >= 1.21)
+    loads whatever is still missing from those wheels or the default search
+    path. That function prints its failures instead of raising: they are
+    captured and become the reason. The result is cached per process.
+    """
+    global _PRELOAD_NOTE
+    if _PRELOAD_NOTE is not None:
+        return _PRELOAD_NOTE
+    if ort is None:
+        import onnxruntime as ort
+    before = _cuda_libraries_loaded()
+    origin = "by torch" if before else ""
+    preload = getattr(ort, "preload_dlls", None)
+    printed = ""
+    if preload is None:
+        how = f"onnxruntime {getattr(ort, '__version__', '?')} has no preload_dlls()"
+    else:
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf), _capture_fd2() as lines:
+                preload()
+        except Exception as exc:  # preload_dlls raises on a bad directory; any failure is a reason, not a crash
+            how = f"onnxruntime.preload_dlls() failed: {type(exc).__name__}: {exc}"
+        else:
+            printed = " ".join(ln.strip() for ln in (buf.getvalue().splitlines() + list(lines)) if ln.strip())
+            added = sorted(set(_cuda_libraries_loaded()) - set(before))
+            how = (f"onnxruntime.preload_dlls() loaded {_library_summary(added)}" if added
+                   else "onnxruntime.preload_dlls() loaded no more")
+            if printed:
+                said = re.sub(r"\x1b\[[0-9;]*m", "", printed)  # preload_dlls colours its warnings
+                how += f" (it said: {said[:200]})"
+    after = _cuda_libraries_loaded()
+    if after:
+        note = f"CUDA libraries: {_library_summary(list(before))} loaded {origin}; {how}" if before \
+            else f"CUDA libraries: {how}"
+    else:
+        note = f"CUDA libraries: none loaded (torch {torch.__version__} loaded none; {how})"
+    _PRELOAD_NOTE = note
+    log.debug(note)
+    return note
 
 
 def short_provider(name: str) -> str:
@@ -140,6 +231,10 @@ class OrtRuntime:
     requested: list[str]
     used: list[str]
     not_started: dict[str, str] = field(default_factory=dict)
+    #: what preload_cuda_libraries found (empty when CUDA was not requested)
+    cuda_libraries: str = ""
+    #: True when the session ran with session.disable_cpu_ep_fallback (every node on the required provider)
+    fallback_disabled: bool = False
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
     input_types: list[str] = field(default_factory=list)
@@ -152,9 +247,13 @@ class OrtRuntime:
     def describe(self) -> str:
         """One sentence: which provider ran, and why the ones before it in the list did not."""
         text = f"onnxruntime ran on {self.provider}"
+        if self.fallback_disabled:
+            text += " (every node: CPU fallback disabled)"
         if self.not_started:
             parts = [f"{p} requested but did not start: {r}" for p, r in self.not_started.items()]
             text += " (" + "; ".join(parts) + ")"
+        if self.cuda_libraries:
+            text += f"; {self.cuda_libraries}"
         return text
 
     def run(self, inputs: Sequence[Any], output_names: Sequence[str] | None = None) -> list[torch.Tensor]:
@@ -187,20 +286,7 @@ def _to_numpy(x: Any, ort_type: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def create_session(model: str | os.PathLike | bytes | Any, providers: Sequence[str] | str = ("cuda", "cpu"), *,
-                   threads: int | None = None, spinning: bool = False,
-                   options: Mapping[str, str] | None = None) -> OrtRuntime:
-    """An onnxruntime session on the first provider of ``providers`` that starts.
-
-    ``model`` is a path, serialized bytes or an ``onnx.ModelProto``.
-    ``threads`` sets intra-op threads (onnxruntime's default: one per core);
-    ``spinning=False`` stops idle worker threads from spinning, which on a
-    machine shared with other jobs (CI) costs far more than it saves.
-    Raises :class:`ModelLoadError` when onnxruntime cannot load the model.
-    """
-    import onnxruntime as ort
-
-    requested = resolve_providers(providers)
+def _session_options(ort: Any, threads: int | None, spinning: bool, options: Mapping[str, str] | None) -> Any:
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = int(threads)
@@ -210,6 +296,36 @@ def create_session(model: str | os.PathLike | bytes | Any, providers: Sequence[s
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     for k, v in (options or {}).items():
         so.add_session_config_entry(k, v)
+    return so
+
+
+def create_session(model: str | os.PathLike | bytes | Any, providers: Sequence[str] | str = ("cuda", "cpu"), *,
+                   threads: int | None = None, spinning: bool = False,
+                   options: Mapping[str, str] | None = None, require: str | None = None) -> OrtRuntime:
+    """An onnxruntime session on the first provider of ``providers`` that starts.
+
+    ``model`` is a path, serialized bytes or an ``onnx.ModelProto``.
+    ``threads`` sets intra-op threads (onnxruntime's default: one per core);
+    ``spinning=False`` stops idle worker threads from spinning, which on a
+    machine shared with other jobs (CI) costs far more than it saves.
+    ``require`` (a provider other than the CPU) asks for every node on that
+    provider: the session is created with ``session.disable_cpu_ep_fallback``
+    and without the CPU provider; when onnxruntime refuses (the provider did
+    not start, or some node would run on the CPU) the refusal is recorded in
+    ``not_started`` and the session is created on the CPU instead, so the
+    outputs can still be compared and the provider check fails with the
+    reason. Raises :class:`ModelLoadError` when onnxruntime cannot load the
+    model.
+    """
+    import onnxruntime as ort
+
+    requested = resolve_providers(providers)
+    required = resolve_providers([require])[0] if require is not None else None
+    if required == "CPUExecutionProvider":
+        required = None  # CPU is always there: nothing to enforce
+    if required is not None and required not in requested:
+        requested = [required] + [p for p in requested if p != required]
+    so = _session_options(ort, threads, spinning, options)
     if hasattr(model, "SerializeToString"):
         src: Any = model.SerializeToString()
     elif isinstance(model, (bytes, bytearray)):
@@ -222,16 +338,42 @@ def create_session(model: str | os.PathLike | bytes | Any, providers: Sequence[s
     asked = [p for p in requested if p in available]
     not_started: dict[str, str] = {p: f"not in this onnxruntime build (available: {', '.join(sorted(available))})"
                                    for p in requested if p not in available}
+    cuda_note = preload_cuda_libraries(ort) if "CUDAExecutionProvider" in asked else ""
+    strict = required is not None and required in asked
+    refusal: str | None = None
     with _capture_fd2() as lines:
-        try:
-            sess = ort.InferenceSession(src, so, providers=asked)
-        except Exception as exc:
-            msg = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-            raise ModelLoadError(f"onnxruntime cannot load the ONNX model: {msg}; check the opset (--opset) and "
-                                 "that the file is a complete export") from exc
+        sess = None
+        if strict:
+            # onnxruntime refuses the option when the CPU provider is listed explicitly
+            so_strict = _session_options(ort, threads, spinning, {**(options or {}), FALLBACK_OPTION: "1"})
+            try:
+                sess = ort.InferenceSession(src, so_strict, providers=[p for p in asked if p != "CPUExecutionProvider"])
+            except Exception as exc:
+                refusal = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+                asked = ["CPUExecutionProvider"]
+        if sess is None:
+            try:
+                sess = ort.InferenceSession(src, so, providers=asked)
+            except Exception as exc:
+                msg = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+                raise ModelLoadError(f"onnxruntime cannot load the ONNX model: {msg}; check the opset (--opset) and "
+                                     "that the file is a complete export") from exc
     for ln in lines:
         log.debug("onnxruntime: %s", ln)
     used = list(sess.get_providers())
+    if refusal is not None and required is not None:
+        started = _fallback_reason(required, lines)
+        if started.endswith("(it printed no reason)"):
+            started = ""
+        if started:  # the provider itself did not start: every node would have fallen back
+            why = f"{started} (with CPU fallback disabled, onnxruntime refused to run the model on the CPU instead)"
+        elif "assigned to the default CPU EP" in refusal:
+            why = (f"{required} started, but some nodes would still run on the CPU, and the CPU fallback is disabled "
+                   f"so that every node runs on {short_provider(required)} (onnxruntime: {refusal})")
+        else:
+            why = f"with CPU fallback disabled onnxruntime refused the session: {refusal}"
+        _LAST_REASON[required] = why
+        not_started[required] = why
     for p in asked:
         if p not in used:
             reason = _fallback_reason(p, lines)
@@ -246,4 +388,6 @@ def create_session(model: str | os.PathLike | bytes | Any, providers: Sequence[s
     inputs = sess.get_inputs()
     return OrtRuntime(session=sess, requested=requested, used=used, not_started=not_started,
                       input_names=[i.name for i in inputs], output_names=[o.name for o in sess.get_outputs()],
-                      input_types=[i.type for i in inputs])
+                      input_types=[i.type for i in inputs], cuda_libraries=cuda_note,
+                      fallback_disabled=strict and refusal is None)
+
