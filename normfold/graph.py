@@ -32,9 +32,10 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from normfold.errors import TraceError
+from normfold.errors import InputError, TraceError
 
-__all__ = ["GNode", "ModelGraph", "build_graph", "is_norm_module", "is_leaf_type", "describe_node", "eval_mode"]
+__all__ = ["GNode", "ModelGraph", "build_graph", "is_norm_module", "is_leaf_type", "describe_node", "eval_mode",
+           "module_path", "innermost_module_path"]
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,13 @@ class ModelGraph:
     @graph_module.setter
     def graph_module(self, gm: torch.fx.GraphModule | None) -> None:
         self._graph_module = gm
+
+    @property
+    def fx_graph(self) -> torch.fx.Graph | None:
+        """The traced torch.fx Graph, without building a GraphModule (None for a torch.export graph)."""
+        if self._fx_graph is not None:
+            return self._fx_graph
+        return self._graph_module.graph if self._graph_module is not None else None
 
     @property
     def has_graph_module(self) -> bool:
@@ -265,8 +273,6 @@ def _propagate_shapes(model: nn.Module, gm: torch.fx.GraphModule, inputs: tuple)
         with eval_mode(model), torch.no_grad():
             ShapeProp(gm).propagate(*inputs)
     except Exception as exc:
-        from normfold.errors import InputError
-
         raise InputError(
             f"the example inputs do not fit the model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             "pass inputs of the shape the model expects (--input-shape)"
@@ -317,20 +323,29 @@ def _innermost_leaf(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple
         return None
     for key, value in reversed(list(stack.items())):
         path = value[0] if isinstance(value, (tuple, list)) else value
-        path = _normalise_path(str(path))
+        path = module_path(str(path))
         m = modules.get(path)
         if m is not None and is_leaf_type(m):
             return path, str(key)
     return None
 
 
-def _normalise_path(path: str) -> str:
-    # torch.export writes paths like "L['self'].layer1.0" or "layer1.0"; make them dotted FQNs.
+def module_path(path: str) -> str:
+    """A dotted module path from an ``nn_module_stack`` entry (``"L['self'].layer1.0"``, ``"L__self__.x"``...)."""
     for prefix in ("L['self'].", "L__self__.", "self."):
         if path.startswith(prefix):
             path = path[len(prefix):]
     path = path.replace("['", ".").replace("']", "").replace("[", ".").replace("]", "")
     return path.strip(".")
+
+
+def innermost_module_path(node: torch.fx.Node) -> str | None:
+    """The dotted path of the innermost module an exported ATen node was recorded in, if any."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    value = list(stack.values())[-1]
+    return module_path(str(value[0] if isinstance(value, (tuple, list)) else value))
 
 
 def _graph_from_export(model: nn.Module, inputs: tuple, fx_error: str) -> ModelGraph:

@@ -22,8 +22,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfold.graph import is_frozen_batchnorm
 
-__all__ = ["BatchNormAffine", "batchnorm_affine", "norm_kind", "is_batchnorm", "batchnorm_remnant",
-           "STANDARD_BN_FORWARDS"]
+__all__ = ["BatchNormAffine", "batchnorm_affine", "affine_from_statistics", "norm_kind", "is_batchnorm",
+           "batchnorm_remnant", "STANDARD_BN_FORWARDS"]
 
 #: forwards that compute exactly F.batch_norm in eval (SyncBatchNorm does in eval, on any device)
 STANDARD_BN_FORWARDS: set[Callable] = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
@@ -117,9 +117,21 @@ def batchnorm_affine(m: nn.Module) -> BatchNormAffine | str:
         b = m.bias.detach().double() if m.bias is not None else torch.zeros(n, dtype=torch.float64, device=mean.device)
     else:
         return f"{type(m).__name__} is not a BatchNorm"
+    return affine_from_statistics(mean, var, w, b, eps)
+
+
+def affine_from_statistics(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
+                           bias: torch.Tensor | None, eps: float) -> BatchNormAffine:
+    """``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s`` in float64 (gamma 1, beta 0 when None).
+
+    The one place the formula is written: module BatchNorms, functional ``F.batch_norm`` calls and
+    ATen ``batch_norm`` ops of an ExportedProgram all come through here.
+    """
+    mean, var = mean.detach().double(), var.detach().double()
+    w = weight.detach().double() if weight is not None else torch.ones_like(mean)
+    b = bias.detach().double() if bias is not None else torch.zeros_like(mean)
     scale = w / torch.sqrt(var + eps)
-    shift = b - mean * scale
-    return BatchNormAffine(scale=scale, shift=shift, mean=mean, var=var, weight=w, bias=b, eps=eps)
+    return BatchNormAffine(scale=scale, shift=b - mean * scale, mean=mean, var=var, weight=w, bias=b, eps=float(eps))
 
 
 def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:

@@ -198,7 +198,8 @@ class PassManager:
             try:
                 # Only the first pass may need a copy; the rest work on that copy.
                 r = p(current, inplace=inplace or i > 0)
-            except PassError:
+            except NormfoldError:
+                # a user-facing error already says what to do; wrapping it would hide its class and exit code
                 raise
             except Exception as exc:
                 before = ", ".join(ran) if ran else "none"

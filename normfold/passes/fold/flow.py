@@ -1,9 +1,10 @@
 """How a per-channel affine travels through the ops between a BatchNorm and the layer it folds into.
 
-Used by the forward / through-ops BatchNorm folding of nn.Modules
-(:mod:`normfold.passes.fold_batchnorm_forward`) and of ExportedPrograms
-(:mod:`normfold.passes.fold_exported`); each supplies a :class:`Dialect` that
-says what the nodes of its graph are, and this module does the reasoning.
+The one analysis behind every fold that is not a plain Conv -> BatchNorm
+pair, and behind that pair too (its zero-op case). A graph reader
+(:class:`normfold.passes.fold.reader.GraphReader`: one for torch.fx module
+graphs, one for ATen ExportedPrograms) says what each node is; this module does
+the reasoning and returns a plan or a :class:`~normfold.passes.fold.refusal.Refusal`.
 
 Math. In eval a BatchNorm is ``y = s * x + t`` per channel. An op ``f``
 *carries* that affine when ``f(s * x + t) = s' * f(x) + t'`` for every ``x``,
@@ -32,19 +33,18 @@ way: the producer's output-feature index pushed down to the BatchNorm input.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence, Union
 
 import torch
 import torch.fx
 
-__all__ = ["Rule", "Consumer", "Producer", "Constraint", "Dialect", "ForwardPlan", "BackwardPlan", "BackwardPart",
-           "walk_forward", "walk_backward", "check_constraints", "channel_index", "forward_fold_tensors",
-           "backward_fold_tensors", "zero_shift_reason", "NotConcrete"]
+from normfold.passes.fold.refusal import Refusal
+from normfold.tolerances import ZERO_SHIFT_ULPS
 
-#: the sentinel for "not from this BatchNorm" in an index tensor
-NO_CHANNEL = -1.0
+__all__ = ["Rule", "Consumer", "Producer", "Constraint", "FlowReader", "ForwardHit", "ForwardPlan", "BackwardPlan",
+           "BackwardPart", "walk_forward", "walk_backward", "check_constraints", "channel_index", "zero_shifts",
+           "zero_shift_reason", "NotConcrete"]
 
 
 class NotConcrete(Exception):
@@ -58,7 +58,8 @@ class Rule:
     ``kind``: ``"move"`` (data movement: ``apply`` runs the op on the index
     tensor), ``"pool"`` (combines values of one channel along ``axes`` of its
     input), ``"block"`` (does not carry the affine; ``reason`` says why, naming
-    the op) or ``"output"`` (the tensor leaves the model).
+    the op; ``activation`` names it when it is an activation) or ``"output"``
+    (the tensor leaves the model).
     """
 
     kind: str
@@ -72,15 +73,22 @@ class Rule:
     shift_why: str = ""
     reason: str = ""
     wrap_tuple: int = 0
+    activation: str = ""
+
+    @property
+    def carries(self) -> bool:
+        """True when the affine passes through this op (data movement or a per-channel pool)."""
+        return self.kind in ("move", "pool")
 
 
 @dataclass
 class Consumer:
     """A Conv / ConvTranspose / Linear reading the affine on its input (forward folding).
 
-    ``channel_axis`` is the input axis its weight sums over (1 for a batched
-    conv, -1 for Linear); ``zero_pad`` is True when it pads its input with zeros;
-    ``ref`` is the dialect's handle for the edit.
+    ``channel_axis`` is the input axis its weight sums over, counted from the
+    end (``-(k+1)`` for a conv with ``k`` spatial dims, -1 for Linear), so it
+    is known without shapes; ``zero_pad`` is True when it pads its input with
+    zeros; ``ref`` is the reader's handle for the edit.
     """
 
     kind: str  # "conv" | "conv_transpose" | "linear"
@@ -93,7 +101,10 @@ class Consumer:
 
 @dataclass
 class Producer:
-    """A Conv / ConvTranspose / Linear whose output the affine can be folded into (backward folding)."""
+    """A Conv / ConvTranspose / Linear whose output the affine can be folded into (backward folding).
+
+    ``channel_axis`` counts from the end, as for :class:`Consumer`.
+    """
 
     kind: str
     label: str
@@ -113,8 +124,8 @@ class Constraint:
     consumer: bool = False
 
 
-class Dialect(Protocol):
-    """What a graph's nodes are; implemented for nn.Module fx graphs and for ATen ExportedPrograms."""
+class FlowReader(Protocol):
+    """What the walks ask of a graph reader (implemented for torch.fx module graphs and ATen programs)."""
 
     def value_users(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         """Users that read the node's values (not only its shape, dtype or device)."""
@@ -122,14 +133,17 @@ class Dialect(Protocol):
     def classify(self, node: torch.fx.Node, via: torch.fx.Node) -> Rule | Consumer:
         """How ``node`` treats the affine arriving through its argument ``via``."""
 
-    def producer(self, node: torch.fx.Node) -> Producer | str | None:
-        """``node`` as a producer to fold into; a reason when it is one but cannot take it; None if not one."""
+    def producer(self, node: torch.fx.Node) -> Producer | Refusal | None:
+        """``node`` as a layer to fold into; a Refusal when it is one that cannot take it; None if not a layer."""
+
+    def concat(self, node: torch.fx.Node) -> tuple[list[torch.fx.Node], int] | None:
+        """(inputs, dim) when ``node`` concatenates traced tensors, else None."""
 
     def value_input(self, node: torch.fx.Node) -> torch.fx.Node | None:
         """The argument whose values flow through ``node`` (its first tensor argument)."""
 
     def shape(self, node: torch.fx.Node) -> tuple[int, ...] | None:
-        """Concrete shape of the tensor ``node`` produces, if known."""
+        """Concrete shape of the tensor ``node`` produces, if known (a reader may compute shapes on first use)."""
 
     def describe(self, node: torch.fx.Node) -> str:
         """Short human description for reasons."""
@@ -143,9 +157,15 @@ class ForwardHit:
     node: torch.fx.Node
     channel_of_input: torch.Tensor  # long, len = consumer.in_channels
 
+    def scale_shift(self, affine: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, t)`` per input channel of the consumer (float64, on the CPU)."""
+        return affine.scale.cpu()[self.channel_of_input], affine.shift.cpu()[self.channel_of_input]
+
 
 @dataclass
 class ForwardPlan:
+    """A forward fold: every consumer reached, the constraints the affine must meet, the ops crossed."""
+
     hits: list[ForwardHit]
     constraints: list[Constraint]
     ops: list[str] = field(default_factory=list)
@@ -160,16 +180,30 @@ class BackwardPart:
     channels: torch.Tensor  # long
     features: torch.Tensor  # long
 
+    def scale_shift(self, affine: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, t)`` per output feature of the producer: the BatchNorm's where it lands, ``(1, 0)`` elsewhere."""
+        n = self.producer.out_channels
+        scale = torch.ones(n, dtype=torch.float64)
+        shift = torch.zeros(n, dtype=torch.float64)
+        scale[self.features] = affine.scale.cpu()[self.channels]
+        shift[self.features] = affine.shift.cpu()[self.channels]
+        return scale, shift
+
 
 @dataclass
 class BackwardPlan:
+    """A backward fold: one part per producer (several after a ``cat``), constraints, the ops crossed.
+
+    A direct Conv -> BatchNorm pair is the plan with one part, no constraint and no op.
+    """
+
     parts: list[BackwardPart]
     constraints: list[Constraint]
     ops: list[str] = field(default_factory=list)
 
-    @property
-    def producer(self) -> Producer:
-        return self.parts[0].producer
+
+#: a walk's index: the tensor, or a function computing it (or refusing) on first need
+LazyIndex = Union[torch.Tensor, Callable[[], Union[torch.Tensor, Refusal]]]
 
 
 def channel_index(shape: Sequence[int], axis: int) -> torch.Tensor:
@@ -205,31 +239,31 @@ def _present(index: torch.Tensor) -> torch.Tensor:
     return vals[vals >= 0].long()
 
 
-def _apply_rule(rule: Rule, index: Any) -> Any:
-    """Push the index tensor through one op; a string says why it cannot."""
+def _apply_rule(rule: Rule, index: Any, node: torch.fx.Node) -> Any:
+    """Push the index tensor through one op; a Refusal says why it cannot."""
     if rule.kind == "move":
         try:
             return rule.apply(index)
         except NotConcrete as exc:
-            return f"{rule.label}: {exc}"
+            return Refusal(f"{rule.label}: {exc}", node)
         except Exception as exc:  # the op does not run on the index tensor: do not guess
-            return f"could not follow the channels through {rule.label} ({type(exc).__name__})"
+            return Refusal(f"could not follow the channels through {rule.label} ({type(exc).__name__})", node)
     if rule.kind == "pool":
         if not isinstance(index, torch.Tensor):
-            return f"{rule.label} receives a tuple"
+            return Refusal(f"{rule.label} receives a tuple", node)
         axes = _norm_axes(rule.axes, index.dim())
         if not _constant_along(index, axes):
-            return f"{rule.label} combines values across channels"
+            return Refusal(f"{rule.label} combines values across channels", node)
         red = index.amin(dim=axes, keepdim=rule.keepdim) if axes else index
         if rule.out_shape is None:
-            return f"the output shape of {rule.label} is unknown (pass example_inputs)"
+            return Refusal(f"the output shape of {rule.label} is unknown (pass example_inputs)", node)
         if rule.keepdim:
             try:
                 red = red.expand(rule.out_shape).contiguous()
             except RuntimeError:
-                return f"could not follow the channels through {rule.label}"
+                return Refusal(f"could not follow the channels through {rule.label}", node)
         elif tuple(red.shape) != tuple(rule.out_shape):
-            return f"could not follow the channels through {rule.label}"
+            return Refusal(f"could not follow the channels through {rule.label}", node)
         return tuple([red] * rule.wrap_tuple) if rule.wrap_tuple else red
     raise AssertionError(rule.kind)
 
@@ -243,116 +277,190 @@ def _pool_constraints(rule: Rule, index: torch.Tensor) -> list[Constraint]:
     return out
 
 
-def walk_forward(d: Dialect, start: torch.fx.Node, index: torch.Tensor) -> ForwardPlan | str:
+def walk_forward(d: FlowReader, start: torch.fx.Node, index: LazyIndex) -> ForwardPlan | Refusal:
     """Follow the BatchNorm output ``start`` (channel index ``index``) to the layers that read it.
 
     Every path must end in a Conv/Linear consumer through ops that carry the
-    affine; the first op that does not is named in the returned reason.
+    affine; the first op that does not is named in the returned Refusal. A
+    transposed-conv consumer takes only ``t = 0`` (it spreads a constant
+    unevenly over its output): the plan carries that constraint. The
+    readers of a node are classified before its index is needed, so a
+    BatchNorm whose output goes straight into an activation is refused before
+    any shape is computed (``index`` may be a function computing it then).
     """
     hits: list[ForwardHit] = []
     constraints: list[Constraint] = []
     ops: list[str] = []
-    stack: list[tuple[torch.fx.Node, Any]] = [(start, index)]
+    stack: list[tuple[torch.fx.Node, LazyIndex]] = [(start, index)]
     seen: set[torch.fx.Node] = set()
     while stack:
         node, idx = stack.pop()
         users = d.value_users(node)
         if not users:
-            return f"{d.describe(node)} is not read by any layer"
+            return Refusal(f"{d.describe(node)} is not read by any layer", node)
+        rules = []
         for u in users:
             if u in seen:
-                return f"{d.describe(u)} reads the BatchNorm output along two paths"
+                return Refusal(f"{d.describe(u)} reads the BatchNorm output along two paths", u)
             seen.add(u)
             r = d.classify(u, node)
+            if isinstance(r, Rule) and not r.carries:
+                return Refusal(r.reason, u)
+            rules.append((u, r))
+        if callable(idx):
+            idx = idx()
+            if isinstance(idx, Refusal):
+                return idx
+        for u, r in rules:
             if isinstance(r, Consumer):
                 if not isinstance(idx, torch.Tensor):
-                    return f"{r.label} receives a tuple"
+                    return Refusal(f"{r.label} receives a tuple", u)
                 cmap = _map_along(idx, r.channel_axis)
                 if cmap is None:
-                    return (f"the BatchNorm channels do not line up with the input channels of {r.label} "
-                            f"(a channel is spread over several of its inputs)")
+                    return Refusal(f"the BatchNorm channels do not line up with the input channels of {r.label} "
+                                   f"(a channel is spread over several of its inputs)", u)
                 if cmap.numel() != r.in_channels:
-                    return f"channel mismatch: {r.label} expects {r.in_channels} input channels, gets {cmap.numel()}"
+                    return Refusal(f"channel mismatch: {r.label} expects {r.in_channels} input channels, "
+                                   f"gets {cmap.numel()}", u)
                 cmap = cmap.long()
                 if (cmap < 0).any():
-                    return f"{r.label} also reads values that do not come from the BatchNorm"
+                    return Refusal(f"{r.label} also reads values that do not come from the BatchNorm", u)
                 hits.append(ForwardHit(r, u, cmap))
                 if r.zero_pad:
                     constraints.append(Constraint("zero_shift", torch.unique(cmap), r.label, "pads with zeros",
                                                   consumer=True))
                 continue
-            if r.kind == "block" or r.kind == "output":
-                return r.reason
-            nxt = _apply_rule(r, idx)
-            if isinstance(nxt, str):
+            nxt = _apply_rule(r, idx, u)
+            if isinstance(nxt, Refusal):
                 return nxt
             if r.kind == "pool":
                 constraints.extend(_pool_constraints(r, idx))
             ops.append(r.label)
             stack.append((u, nxt))
+    for h in hits:
+        if h.consumer.kind == "conv_transpose":
+            constraints.append(Constraint("zero_shift", torch.unique(h.channel_of_input), h.consumer.label,
+                                          "spreads a constant unevenly over its output (transposed conv)",
+                                          consumer=True))
     return ForwardPlan(hits, constraints, ops)
 
 
-def walk_backward(d: Dialect, bn_node: torch.fx.Node, bn_input: torch.fx.Node, num_channels: int) -> BackwardPlan | str:
-    """Follow the BatchNorm input up through ops that carry an affine to the Conv/Linear producer(s).
+def _not_a_layer(d: FlowReader, node: torch.fx.Node, rule: Rule | Consumer | None) -> Refusal:
+    """Why the BatchNorm input ``node`` gives no layer to fold into: an activation sits there, or another op."""
+    if isinstance(rule, Rule) and rule.activation:
+        inner = d.value_input(node)
+        what = d.describe(inner) if inner is not None else "its input"
+        return Refusal(f"an activation ({rule.activation}) sits between {what} and the BatchNorm", node)
+    return Refusal(f"its input is {d.describe(node)}, not a Conv, ConvTranspose or Linear", node)
+
+
+def _readers_refusal(d: FlowReader, node: torch.fx.Node, reader: torch.fx.Node) -> Refusal | None:
+    """Refuses when ``node``'s values are read by anything but ``reader`` (changing it would change them too)."""
+    users = d.value_users(node)
+    if len(users) == 1 and users[0] is reader:
+        return None
+    others = _summarize([d.describe(u) for u in users if u is not reader])
+    return Refusal(f"{d.describe(node)} output has {len(users)} users (also read by {others or 'unknown'})", node)
+
+
+def _direct(d: FlowReader, p: Producer, node: torch.fx.Node, num_channels: int) -> BackwardPlan | Refusal:
+    """The zero-op plan: the producer's output is the BatchNorm's input, channel ``i`` is feature ``i``.
+
+    A conv's output channel is axis 1 of the batched tensor the BatchNorm
+    normalizes, so no shape is needed; a Linear writes its features on the
+    last axis, which is the BatchNorm's channel axis only on a 2-D ``(N, C)``
+    tensor, so its rank is looked up (the one case that needs shapes).
+    """
+    if p.out_channels != num_channels:
+        return Refusal(f"channel mismatch: {p.label} has {p.out_channels} output channels, the BatchNorm "
+                       f"{num_channels}", node)
+    if p.kind == "linear":
+        shape = d.shape(node)
+        if shape is None:
+            return Refusal("Linear -> BatchNorm needs the tensor rank to know the BN channel axis; "
+                           "pass example_inputs (or --input-shape)", node)
+        if len(shape) != 2:
+            return Refusal(f"the BatchNorm normalizes axis 1 of a {len(shape)}-D tensor {tuple(shape)} "
+                           "but the Linear writes its features on the last axis", node)
+    every = torch.arange(num_channels)
+    return BackwardPlan([BackwardPart(p, node, every, every)], [], [])
+
+
+def walk_backward(d: FlowReader, bn_node: torch.fx.Node, bn_input: torch.fx.Node, num_channels: int, *,
+                  through_ops: bool = True) -> BackwardPlan | Refusal:
+    """Follow the BatchNorm input up to the Conv/Linear producer(s), through ops that carry an affine.
 
     Every tensor on the way must be read by the next op only (else changing
     the producer changes another reader too). A concatenation along the
-    channel axis (``cat``, when the dialect reports it) splits the BatchNorm
-    between the producers of its inputs.
+    channel axis (``cat``, when the reader reports it) splits the BatchNorm
+    between the producers of its inputs. With ``through_ops=False`` only the
+    direct pair (the zero-op case) is accepted. Readers are counted before any
+    op is classified, so a tensor that several layers read refuses the fold
+    before a shape is computed.
     """
+    p = d.producer(bn_input)
+    if p is not None:
+        refused = _readers_refusal(d, bn_input, bn_node)
+        if refused is not None:
+            return refused
+        return p if isinstance(p, Refusal) else _direct(d, p, bn_input, num_channels)
+    if not through_ops or d.concat(bn_input) is None:
+        src = d.value_input(bn_input) if bn_input.op.startswith("call_") else None
+        first = d.classify(bn_input, src) if src is not None else None
+        if not through_ops or not isinstance(first, Rule) or not first.carries:
+            return _not_a_layer(d, bn_input, first)
+
     producers: list[tuple[Producer, torch.fx.Node, int]] = []
     constraints: list[Constraint] = []
     ops: list[str] = []
-    concat = getattr(d, "concat", None)
 
     def up(node: torch.fx.Node, reader: torch.fx.Node, depth: int) -> Any:
-        users = d.value_users(node)
-        if len(users) != 1 or users[0] is not reader:
-            others = _summarize([d.describe(u) for u in users if u is not reader])
-            return f"{d.describe(node)} output has {len(users)} readers (also {others or 'unknown'})"
+        if not node.op.startswith("call_"):
+            return Refusal(f"its input is {d.describe(node)}, not a Conv, ConvTranspose or Linear", node)
+        refused = _readers_refusal(d, node, reader)
+        if refused is not None:
+            return refused
         p = d.producer(node)
-        if isinstance(p, str):
+        if isinstance(p, Refusal):
             return p
         if isinstance(p, Producer):
             shape = d.shape(node)
             if shape is None:
-                return f"the output shape of {p.label} is unknown (pass example_inputs)"
+                return Refusal(f"the output shape of {p.label} is unknown (pass example_inputs)", node)
             offset = sum(q.out_channels for q, _, _ in producers)
             producers.append((p, node, offset))
             return channel_index(shape, p.channel_axis) + offset
-        cat = concat(node) if concat is not None else None
+        cat = d.concat(node)
         if cat is not None:
             inputs, dim = cat
             if len(set(inputs)) != len(inputs):
-                return f"{d.describe(node)} concatenates the same tensor twice"
+                return Refusal(f"{d.describe(node)} concatenates the same tensor twice", node)
             parts = []
             for i in inputs:
                 r = up(i, node, depth + 1)
-                if isinstance(r, str):
+                if isinstance(r, Refusal):
                     return r
                 parts.append(r)
             try:
                 out = torch.cat(parts, dim)
             except RuntimeError:
-                return f"could not follow the channels through {d.describe(node)}"
+                return Refusal(f"could not follow the channels through {d.describe(node)}", node)
             ops.append(d.describe(node))
             return out
         src = d.value_input(node)
         if src is None:
-            return f"its input is {d.describe(node)}, not a Conv, ConvTranspose or Linear"
+            return Refusal(f"its input is {d.describe(node)}, not a Conv, ConvTranspose or Linear", node)
         r = d.classify(node, src)
-        if isinstance(r, Consumer) or r.kind in ("block", "output"):
-            if depth == 0:
-                return (r.reason.replace("reads it", "feeds it") if not isinstance(r, Consumer) and r.reason
-                        else f"its input is {d.describe(node)}, not a Conv, ConvTranspose or Linear")
-            return (f"the path up to the producer goes through {d.describe(node)}, which does not carry a "
-                    "per-channel affine")
+        if isinstance(r, Consumer) or not r.carries:
+            if depth == 0 or (isinstance(r, Rule) and r.activation):
+                return _not_a_layer(d, node, r)
+            return Refusal(f"the path up to the producer goes through {d.describe(node)}, which does not carry a "
+                           "per-channel affine", node)
         idx = up(src, node, depth + 1)
-        if isinstance(idx, str):
+        if isinstance(idx, Refusal):
             return idx
-        nxt = _apply_rule(r, idx)
-        if isinstance(nxt, str):
+        nxt = _apply_rule(r, idx, node)
+        if isinstance(nxt, Refusal):
             return nxt
         if r.kind == "pool":
             constraints.extend(_pool_constraints(r, idx))
@@ -360,20 +468,21 @@ def walk_backward(d: Dialect, bn_node: torch.fx.Node, bn_input: torch.fx.Node, n
         return nxt
 
     idx = up(bn_input, bn_node, 0)
-    if isinstance(idx, str):
+    if isinstance(idx, Refusal):
         return idx
     if not isinstance(idx, torch.Tensor) or idx.dim() < 2:
-        return "the BatchNorm input is not a batched tensor"
+        return Refusal("the BatchNorm input is not a batched tensor", bn_input)
     labels = ", ".join(p.label for p, _, _ in producers)
     fmap = _map_along(idx, 1)
     if fmap is None:
-        return (f"the output features of {labels} do not line up with the BatchNorm channels "
-                f"(after {', '.join(ops) or 'no op'}, a BatchNorm channel holds several features)")
+        return Refusal(f"the output features of {labels} do not line up with the BatchNorm channels "
+                       f"(after {', '.join(ops) or 'no op'}, a BatchNorm channel holds several features)", bn_input)
     fmap = fmap.long()
     if fmap.numel() != num_channels:
-        return f"channel mismatch: the BatchNorm has {num_channels} channels, its input {fmap.numel()}"
+        return Refusal(f"channel mismatch: the BatchNorm has {num_channels} channels, its input {fmap.numel()}",
+                       bn_input)
     if (fmap < 0).any() or torch.unique(fmap).numel() != fmap.numel():
-        return f"an output feature of {labels} lands in several BatchNorm channels"
+        return Refusal(f"an output feature of {labels} lands in several BatchNorm channels", bn_input)
     total = sum(p.out_channels for p, _, _ in producers)
     # Constraints were collected in producer-feature space; move them to BN channels.
     inv = torch.full((total,), -1, dtype=torch.long)
@@ -404,8 +513,6 @@ def zero_shifts(affine: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
     ``dtype`` is the BatchNorm's own dtype: a ``beta`` stored as ``mean * s``
     leaves ``t`` at that dtype's rounding level (:data:`normfold.tolerances.ZERO_SHIFT_ULPS`).
     """
-    from normfold.tolerances import ZERO_SHIFT_ULPS
-
     t = affine.shift
     if dtype is None or not dtype.is_floating_point:
         return t == 0
@@ -425,8 +532,9 @@ def zero_shift_reason(label: str, why: str, affine: Any, channels: torch.Tensor,
             f"channels{extra} (folded, the padding would have to be v)")
 
 
-def check_constraints(constraints: list[Constraint], affine: Any, dtype: torch.dtype | None = None) -> str | None:
-    """The first constraint the BatchNorm's affine violates, as a reason; None when all hold.
+def check_constraints(constraints: list[Constraint], affine: Any, dtype: torch.dtype | None = None
+                      ) -> Refusal | None:
+    """The first constraint the BatchNorm's affine violates, as a Refusal; None when all hold.
 
     ``dtype`` is the BatchNorm's parameter dtype (see :func:`zero_shifts`).
     """
@@ -436,114 +544,10 @@ def check_constraints(constraints: list[Constraint], affine: Any, dtype: torch.d
         if c.kind == "nonneg":
             neg = int((affine.scale[c.channels] < 0).sum())
             if neg:
-                return (f"{c.label} commutes with the BatchNorm only where gamma >= 0 (max(s*x+t) = s*max(x)+t "
-                        f"needs s >= 0); gamma < 0 on {neg} of {c.channels.numel()} channels")
+                return Refusal(f"{c.label} commutes with the BatchNorm only where gamma >= 0 (max(s*x+t) = "
+                               f"s*max(x)+t needs s >= 0); gamma < 0 on {neg} of {c.channels.numel()} channels")
         elif c.kind == "zero_shift":
-            why = c.why or "pads with zeros"
-            r = zero_shift_reason(c.label, why, affine, c.channels, dtype)
+            r = zero_shift_reason(c.label, c.why or "pads with zeros", affine, c.channels, dtype)
             if r is not None:
-                if c.consumer:
-                    return "consumer " + r
-                return r
+                return Refusal(("consumer " if c.consumer else "") + r)
     return None
-
-
-# ------------------------------------------------------------------------------------------------
-# weight arithmetic, float64 in, float64 out
-
-
-def forward_fold_tensors(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, groups: int,
-                         s_in: torch.Tensor, t_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weights of ``layer(s_in * x + t_in)`` written as ``layer'(x)``: scale on the input-channel axis, shift into the bias.
-
-    * conv: weight ``(C_out, C_in/g, *k)``; output channel ``o`` of group
-      ``o // (C_out/g)`` reads input channel ``g*(C_in/g) + j`` at weight
-      column ``j``. The bias gains ``sum_{j,k} W[o,j,k] t[g*(C_in/g)+j]``,
-      which is the conv of the constant input ``t`` (exact where the conv sees
-      no zero padding).
-    * conv_transpose: weight ``(C_in, C_out/g, *k)``, input channel on axis 0;
-      only the scale is folded (the caller requires ``t == 0``: a transposed
-      conv spreads a constant unevenly over its output).
-    * linear: weight ``(out, in)``; columns scaled, bias gains ``W @ t``.
-
-    Returns ``(new_weight, new_bias)``; ``new_bias`` is None when there was no
-    bias and nothing to add.
-    """
-    w = weight.to(torch.float64)
-    s = s_in.to(device=w.device, dtype=torch.float64)
-    t = t_in.to(device=w.device, dtype=torch.float64)
-    b = bias.to(torch.float64) if bias is not None else None
-    if kind == "linear":
-        new_w = w * s.view(1, -1)
-        db = w @ t
-    elif kind == "conv":
-        c_out, cin_g = w.shape[0], w.shape[1]
-        k = w.shape[2:]
-        cout_g = c_out // groups
-        s_mat = s.view(groups, 1, cin_g).expand(groups, cout_g, cin_g).reshape(c_out, cin_g)
-        t_mat = t.view(groups, 1, cin_g).expand(groups, cout_g, cin_g).reshape(c_out, cin_g)
-        new_w = w * s_mat.view(c_out, cin_g, *([1] * len(k)))
-        db = (w * t_mat.view(c_out, cin_g, *([1] * len(k)))).flatten(1).sum(1)
-    elif kind == "conv_transpose":
-        new_w = w * s.view(-1, *([1] * (w.dim() - 1)))
-        db = None
-    else:
-        raise ValueError(kind)
-    if db is None or (b is None and not bool((db != 0).any())):
-        return new_w, b
-    return new_w, (b if b is not None else torch.zeros_like(db)) + db
-
-
-def backward_fold_tensors(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, groups: int,
-                          s_out: torch.Tensor, t_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights of ``s_out * layer(x) + t_out`` (per output channel), float64.
-
-    Same math as :func:`normfold.passes.fold_batchnorm.fold_into_output_channels`,
-    on tensors (for ExportedPrograms, whose weights are not module attributes).
-    ``kind``: ``"conv"``, ``"conv_transpose"`` or ``"linear"``.
-    """
-    w = weight.to(torch.float64)
-    s = s_out.to(device=w.device, dtype=torch.float64)
-    t = t_out.to(device=w.device, dtype=torch.float64)
-    if kind == "conv_transpose":
-        cin, cout_g = w.shape[0], w.shape[1]
-        k = w.shape[2:]
-        new_w = (w.reshape(groups, cin // groups, cout_g, *k)
-                 * s.reshape(groups, 1, cout_g, *([1] * len(k)))).reshape(w.shape)
-    else:
-        new_w = w * s.reshape(-1, *([1] * (w.dim() - 1)))
-    b = bias.to(torch.float64) if bias is not None else torch.zeros_like(s)
-    return new_w, b * s + t
-
-
-# ------------------------------------------------------------------------------------------------
-# helpers shared by the dialects
-
-
-def substitute(value: Any, via: torch.fx.Node, index: Any, concrete: Callable[[torch.fx.Node], Any]) -> Any:
-    """``value`` (node args) with ``via`` replaced by the index tensor and every other node by its concrete value."""
-    def sub(a: Any) -> Any:
-        if isinstance(a, torch.fx.Node):
-            return index if a is via else concrete(a)
-        if isinstance(a, (list, tuple)):
-            out = [sub(x) for x in a]
-            return type(a)(out) if not hasattr(a, "_fields") else type(a)(*out)
-        if isinstance(a, dict):
-            return {k: sub(v) for k, v in a.items()}
-        if isinstance(a, slice):
-            return slice(sub(a.start), sub(a.stop), sub(a.step))
-        return a
-    return sub(value)
-
-
-def bind_args(node: torch.fx.Node, names: Sequence[str], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Positional + keyword arguments of ``node`` by name, following ``names`` (the op's signature order)."""
-    out = dict(defaults or {})
-    for name, a in zip(names, node.args):
-        out[name] = a
-    out.update(node.kwargs)
-    return out
-
-
-def is_getitem(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target is operator.getitem
