@@ -66,6 +66,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from normfold import hf
 from normfold.errors import UsageError
 from normfold.graph import GNode, ModelGraph, build_graph, describe_node, eval_mode
 from normfold.norms import set_submodule
@@ -73,7 +74,7 @@ from normfold.passes.base import Change, Pass, PassResult, Skip
 from normfold.passes.fold_batchnorm import producer_problem
 from normfold.tolerances import LAYERNORM_TO_RMSNORM, MEAN_FREE_RATIO, for_dtype
 
-__all__ = ["LayerNormToRMSNorm", "layernorm_to_rmsnorm", "RMSNormWithBias", "MODES"]
+__all__ = ["LayerNormToRMSNorm", "layernorm_to_rmsnorm", "RMSNormWithBias", "CentreOutput", "CentreInput", "MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,47 @@ class RMSNormWithBias(nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) + self.bias
+
+
+class CentreOutput:
+    """Forward hook ``y -> y - mean(y, dim)``: the one explicit centring op, on a module's output.
+
+    Inserted where a residual stream starts at a non-linear map (an embedding LayerNorm, CLIP's
+    ``pre_layrnorm``): no parameter can make that output mean-free, this op does, so every LayerNorm
+    downstream becomes an exact RMSNorm. Cost: ``2 d`` FLOPs per token (a mean and a subtraction).
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+
+    def __call__(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out - out.mean(dim=self.dim, keepdim=True)
+
+    def __repr__(self) -> str:
+        return f"CentreOutput(dim={self.dim})"
+
+
+class CentreInput:
+    """Forward pre-hook ``x -> x - mean(x, dim)`` on one input of a module (positional index or keyword).
+
+    The centring op for a stream that starts at a functional non-linearity (Whisper's GELU conv stem):
+    it goes where that stream enters the first block, the nearest module boundary.
+    """
+
+    def __init__(self, dim: int, arg: int | str) -> None:
+        self.dim, self.arg = dim, arg
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if isinstance(self.arg, int):
+            args = list(args)
+            args[self.arg] = args[self.arg] - args[self.arg].mean(dim=self.dim, keepdim=True)
+            return tuple(args), kwargs
+        kwargs = dict(kwargs)
+        kwargs[self.arg] = kwargs[self.arg] - kwargs[self.arg].mean(dim=self.dim, keepdim=True)
+        return args, kwargs
+
+    def __repr__(self) -> str:
+        return f"CentreInput(dim={self.dim}, arg={self.arg!r})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,11 +151,13 @@ def _op_name(node: GNode) -> str:
 
 
 #: ops that read only a tensor's metadata, never its values
-_META_OPS = {"dim", "size", "sym_size", "sym_numel", "sym_stride", "numel", "_assert", "stride", "is_contiguous"}
+_META_OPS = {"_assert_tensor_metadata", "dim", "size", "sym_size", "sym_numel", "sym_stride", "numel", "_assert", "stride", "is_contiguous"}
 _META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
 #: ops that are the identity on values in eval
 _IDENTITY_OPS = {"contiguous", "clone", "dropout", "alias", "feature_dropout", "alpha_dropout", "lift_fresh_copy",
                  "detach"}
+#: dtype (and device) casts: the identity on values up to one rounding, which commutes with centring
+_CAST_OPS = {"to", "_to_copy", "type_as", "float", "half", "double", "bfloat16", "type"}
 _SHAPE_OPS = {"reshape", "view", "flatten", "unflatten", "_unsafe_view", "squeeze", "unsqueeze", "view_as",
               "reshape_as"}
 _ADD_OPS = {"add", "iadd", "sub", "isub", "add_", "sub_"}
@@ -156,6 +200,15 @@ class _Writer:
 
 
 @dataclass
+class _LayerScale:
+    """A per-feature parameter ``scale`` (axis ``axis`` of it) multiplying the output of ``writer``."""
+
+    scale: tuple[str, str]
+    writer: str
+    axis: int
+
+
+@dataclass
 class _Analysis:
     """Where the residual streams are, who writes them, and what stops each from being made mean-free."""
 
@@ -167,6 +220,11 @@ class _Analysis:
     ln_calls: list[GNode] = field(default_factory=list)
     parent: dict[Any, Any] = field(default_factory=dict)
     ln_keys: dict[GNode, "_ReaderKey"] = field(default_factory=dict)
+    #: stream nodes computed by a non-linear map (stream node -> (hidden axis, why its parameters cannot centre it)):
+    #: where one explicit centring op can start a mean-free stream
+    sites: dict[GNode, tuple[int, str]] = field(default_factory=dict)
+    #: per-feature scales on writers (mul node -> what to fold where)
+    layerscales: dict[GNode, "_LayerScale"] = field(default_factory=dict)
 
     def reader_key(self, ln_call: GNode) -> "_ReaderKey":
         """The union-find key of a LayerNorm call as a *reader* of its input.
@@ -254,6 +312,8 @@ class _StreamFinder:
             n = self.work.pop()
             try:
                 self.visit(n, a.axis[n])
+            except _NonLinear as r:
+                a.sites[n] = (a.axis[n], str(r))
             except _Refuse as r:
                 a.problem(n, str(r))
         self.check_readers()
@@ -288,12 +348,32 @@ class _StreamFinder:
                           "broadcast over it cannot be mean-free)")
         holders = self.shared_slots.get(id(value), [])
         if len(holders) > 1 and g.source != "fx":
-            raise _Refuse(f"{n.target} is tied to {', '.join(_slot_name(h) for h in holders if _slot_name(h) != n.target)} "
-                          "(tied weights) and the model was traced with torch.export, which does not tell normfold "
-                          "which reader is which: untie them, or make the model traceable by torch.fx")
+            # torch.export keeps one placeholder for a tied tensor, under one of its names: which holder the
+            # stream reads is the one whose module the reading ops run in (their nn_module_stack).
+            owner, name = self.export_slot(n, holders)
         if owner in g.calls:
-            raise _Refuse(f"{n.target} is also read inside {owner} ({type(t).__name__}), which normfold would change too")
-        self.a.writers[n] = _Writer(n, f"the parameter {n.target}", [(owner, name, value.dim() + axis)], None)
+            raise _Refuse(f"{_slot_name((owner, name))} is also read inside {owner} ({type(g.modules[owner]).__name__}), "
+                          "which normfold would change too")
+        self.a.writers[n] = _Writer(n, f"the parameter {_slot_name((owner, name))}", [(owner, name, value.dim() + axis)],
+                                    None)
+
+    def export_slot(self, n: GNode, holders: list[tuple[str, str]]) -> tuple[str, str]:
+        """The (module path, attribute) of a tied tensor that the stream's reads of placeholder ``n`` go through."""
+        found: set[tuple[str, str]] = set()
+        for u in n.users:
+            if (u, n) not in self.a.reads_ok:
+                continue
+            stack = u.fx_node.meta.get("nn_module_stack", {}) if u.fx_node is not None else {}
+            paths = [_stack_path(v) for v in reversed(list(stack.values()))]
+            slot = next((h for p in paths for h in holders if h[0] == p), None)
+            if slot is None:
+                raise _Refuse(f"{n.target} is tied to {', '.join(_slot_name(h) for h in holders if _slot_name(h) != n.target)} "
+                              "(tied weights) and torch.export does not say which of them the stream reads")
+            found.add(slot)
+        if len(found) != 1:
+            raise _Refuse(f"{n.target} is tied to {_short_list([_slot_name(h) for h in holders])} and the stream reads "
+                          "it through several of them")
+        return found.pop()
 
     def module_node(self, n: GNode, axis: int) -> None:
         g = self.g
@@ -304,7 +384,7 @@ class _StreamFinder:
                 raise _Refuse(f"the input of {path} could not be traced")
             return self.demand(n, n.args[0], axis)
         if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or type(m).__name__.endswith("Norm"):
-            raise _Refuse(f"the stream is the output of {path} ({type(m).__name__}), which cannot be made mean-free "
+            raise _NonLinear(f"the stream is the output of {path} ({type(m).__name__}), which cannot be made mean-free "
                           "(a post-LN block: the normalized output is itself the residual stream)")
         if isinstance(m, nn.MultiheadAttention):
             raise _Refuse(f"{path} (MultiheadAttention) is read as a tuple")
@@ -319,7 +399,7 @@ class _StreamFinder:
         if isinstance(m, nn.modules.conv._ConvTransposeNd):
             raise _Refuse(f"{path} ({type(m).__name__}) writes into the stream; normfold centres only Conv with groups=1")
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
-            problem = producer_problem(m)
+            problem = _writer_problem(m)
             if problem is not None:
                 raise _Refuse(f"{path}: {problem}")
             if isinstance(m, nn.Linear):
@@ -337,7 +417,7 @@ class _StreamFinder:
                                   f"is {rank + axis}")
             slots = [(path, "weight", 0)] + ([(path, "bias", 0)] if m.bias is not None else [])
             return self.module_writer(n, path, slots, f"{path} ({type(m).__name__})")
-        raise _Refuse(f"{path} ({type(m).__name__}) writes into the stream; normfold can centre Linear, Conv (groups=1), "
+        raise _NonLinear(f"{path} ({type(m).__name__}) writes into the stream; normfold can centre Linear, Conv (groups=1), "
                       "Embedding and MultiheadAttention outputs, and parameters")
 
     def module_writer(self, n: GNode, path: str, slots: list[tuple[str, str, int]], desc: str) -> None:
@@ -356,7 +436,7 @@ class _StreamFinder:
             return fx2g.get(x) if isinstance(x, torch.fx.Node) else None
 
         first = gn(args[0]) if args else None
-        if name in _IDENTITY_OPS:
+        if name in _IDENTITY_OPS or name in _CAST_OPS:
             if first is None:
                 raise _Refuse(f"a {name} call reads something normfold cannot trace")
             return self.demand(n, first, axis)
@@ -404,6 +484,31 @@ class _StreamFinder:
             if b is not None:
                 self.demand(n, b, -1)
             return
+        if name in ("addmm", "mm", "matmul", "bmm", "baddbmm"):
+            # addmm(c, A, B) = c + A @ B (HF GPT-2's Conv1D: B an (in, out) weight) and A @ B: output feature j is
+            # column j of B, so a mean-free output <=> B (and c) centred along their last axis
+            if axis != -1:
+                raise _Refuse(f"a {name} writes features on the last axis, the stream's hidden axis is {axis}")
+            c, mats = (args[0], args[1:3]) if name in ("addmm", "baddbmm") else (None, args[0:2])
+            b_node = gn(mats[1]) if len(mats) > 1 else None
+            if b_node is None:
+                raise _Refuse(f"a {name} whose right operand normfold cannot trace")
+            for k in ("beta", "alpha"):
+                if not isinstance(kwargs.get(k, 1), (int, float)):
+                    raise _Refuse(f"a {name} with a tensor {k}")
+            self.demand(n, b_node, -1)
+            if c is not None:
+                c_node = gn(c)
+                if c_node is None:
+                    if not (isinstance(c, (int, float)) and c == 0):
+                        raise _Refuse(f"a {name} adds the constant {c!r} to the stream, which is not mean-free")
+                else:
+                    self.demand(n, c_node, -1)
+            return
+        if name in ("t", "numpy_T") or (name == "getattr" and len(args) > 1 and args[1] in ("T", "mT")):
+            if first is None or first.shape is None or len(first.shape) != 2:
+                raise _Refuse(f"a transpose ({name}) of the stream needs a 2-D tensor of known shape")
+            return self.demand(n, first, -1 if axis == -2 else -2)
         if name == "embedding":
             # F.embedding(input, weight, ...) ; aten.embedding(weight, indices, ...)
             is_aten = isinstance(n.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
@@ -413,7 +518,7 @@ class _StreamFinder:
             if w is None or axis != -1:
                 raise _Refuse("an embedding call normfold cannot centre")
             return self.demand(n, w, -1)
-        raise _Refuse(f"{describe_node(g, n)} writes into the stream and does not commute with centring")
+        raise _NonLinear(f"{describe_node(g, n)} writes into the stream and does not commute with centring")
 
     def mha_writer(self, n: GNode, mha_node: GNode, index: Any, axis: int) -> None:
         g = self.g
@@ -473,10 +578,50 @@ class _StreamFinder:
                 not (n.shape is not None and n.shape[axis] == 1)
             if not const_along_hidden:
                 stream.append((i, t))
+        if len(stream) == 2 and name in ("mul", "imul", "mul_"):
+            for (_, s), (_, x) in ((stream[0], stream[1]), (stream[1], stream[0])):
+                fold = self.layerscale(n, s, x, axis)
+                if fold is not None:
+                    self.a.layerscales[n] = fold
+                    return self.demand(n, x, axis)
         if len(stream) != 1 or (name in ("truediv", "div", "itruediv", "div_") and stream[0][0] != 0):
             raise _Refuse(f"a {name} multiplies the stream by a tensor that varies along the hidden axis "
-                          "(a gate or a per-feature scale such as LayerScale: fold it into the layer before first)")
+                          "(a gate, or a per-feature scale that is not a parameter read only there applied to "
+                          "the output of a Linear or Conv)")
         self.demand(n, stream[0][1], axis)
+
+    def layerscale(self, n: GNode, s: GNode, x: GNode, axis: int) -> "_LayerScale | None":
+        """``s * x`` with ``s`` a per-feature parameter (LayerScale) and ``x`` a Linear/Conv output read only here.
+
+        ``diag(s) (W u + c) = (diag(s) W) u + s * c``: the scale folds into the writer's weights.
+        """
+        g = self.g
+        if s.op != "attr" or len([u for u in s.users if not _reads_metadata_only(u)]) != 1:
+            return None
+        owner, _, name = str(s.target).rpartition(".")
+        value = _get_tensor(g.root, owner, name)
+        if value is None or not value.is_floating_point() or value.dim() < -axis or n.shape is None:
+            return None
+        if value.shape[axis] != n.shape[axis] or value.numel() != n.shape[axis] or \
+                len(self.shared_slots.get(id(value), [])) > 1:
+            return None
+        cur = x
+        for _ in range(8):
+            if len([u for u in cur.users if not _reads_metadata_only(u)]) != 1:
+                return None
+            if cur.op == "module" and isinstance(g.modules[cur.target], _DROPOUT_MODULES) and cur.args:
+                cur = cur.args[0]
+            elif cur.op in ("function", "method") and _op_name(cur) in _IDENTITY_OPS and cur.args:
+                cur = cur.args[0]
+            else:
+                break
+        if cur.op != "module" or g.call_count(cur.target) != 1:
+            return None
+        m = g.modules[cur.target]
+        if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or isinstance(m, nn.modules.conv._ConvTransposeNd) \
+                or _writer_problem(m) is not None:
+            return None
+        return _LayerScale((owner, name), cur.target, value.dim() + axis)
 
     def permute_node(self, n: GNode, name: str, args: tuple, kwargs: dict, axis: int, first: GNode | None) -> None:
         if first is None or n.shape is None:
@@ -541,6 +686,10 @@ class _Refuse(Exception):
     """Raised inside the stream walk: this node stops its stream from being made mean-free."""
 
 
+class _NonLinear(_Refuse):
+    """This stream node is a non-linear map of its inputs: its output can only be centred by an explicit op."""
+
+
 def _reads_metadata_only(u: GNode) -> bool:
     name = _op_name(u) if u.op in ("function", "method") else ""
     if name in _META_OPS:
@@ -553,7 +702,7 @@ def _reads_metadata_only(u: GNode) -> bool:
 def _consumer(graph: ModelGraph, u: GNode) -> str:
     """Name the op that really consumes the stream, following selections, identities and adds a few steps."""
     via: list[str] = []
-    following = _SELECT_OPS | _IDENTITY_OPS | _SHAPE_OPS | _ADD_OPS | {"cat"}
+    following = _SELECT_OPS | _IDENTITY_OPS | _CAST_OPS | _SHAPE_OPS | _ADD_OPS | {"cat"}
     for _ in range(6):
         passes_through = (u.op in ("function", "method") and _op_name(u) in following) or \
             (u.op == "module" and isinstance(graph.modules.get(u.target), _DROPOUT_MODULES))
@@ -629,6 +778,261 @@ def _selection_input_axis(name: str, args: tuple, kwargs: dict, src: GNode, n: G
     raise _Refuse("an index of the stream normfold cannot follow")
 
 
+def _writer_problem(m: nn.Module) -> str | None:
+    """Why ``m`` cannot have its output features centred through its weights, or None.
+
+    :func:`normfold.passes.fold_batchnorm.producer_problem`, except that a Linear subclass with its own
+    ``forward`` is accepted when its traced forward *is* ``x W^T + b`` (Falcon's ``FalconLinear``).
+    """
+    problem = producer_problem(m)
+    if problem is not None and isinstance(m, nn.Linear) and problem.endswith("overrides forward()") \
+            and _forward_is_linear(m):
+        problem = producer_problem(_PlainLinearView(m))
+    return problem
+
+
+class _PlainLinearView(nn.Linear):
+    """The same weight and bias seen as a plain ``nn.Linear``, to ask producer_problem about the rest."""
+
+    def __init__(self, m: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.weight, self.bias = m.weight, m.bias
+        self._orig = m
+
+    def __getattr__(self, name: str) -> Any:  # parametrization / weight_norm attributes of the original
+        if name in ("weight_g", "weight_orig", "parametrizations"):
+            return getattr(self._orig, name)
+        return super().__getattr__(name)
+
+
+_LINEAR_FORWARD_CACHE: dict[tuple[type, bool], bool] = {}
+
+
+def _forward_is_linear(m: nn.Linear) -> bool:
+    """Whether ``type(m).forward``, traced by torch.fx, computes exactly ``x W^T (+ b)`` and nothing else.
+
+    Accepted graphs: ``linear(x, weight[, bias])``, or ``matmul(x, weight^T)`` (``weight.T``, ``weight.t()``,
+    ``weight.transpose(0, 1)``) followed, when the module has a bias, by ``+ bias``.
+    """
+    key = (type(m), m.bias is not None)
+    if key in _LINEAR_FORWARD_CACHE:
+        return _LINEAR_FORWARD_CACHE[key]
+    import operator
+
+    ok = False
+    try:
+        graph = torch.fx.Tracer().trace(m)
+    except Exception:
+        graph = None
+    if graph is not None:
+        nodes = list(graph.nodes)
+        ph = [n for n in nodes if n.op == "placeholder"]
+        out = [n for n in nodes if n.op == "output"]
+
+        def attr(n: Any, name: str) -> bool:
+            return isinstance(n, torch.fx.Node) and n.op == "get_attr" and n.target == name
+
+        def w_t(n: Any) -> bool:
+            if not isinstance(n, torch.fx.Node) or not n.args or not attr(n.args[0], "weight"):
+                return False
+            if n.op == "call_function" and n.target is getattr and n.args[1:] == ("T",):
+                return True
+            if n.op in ("call_method", "call_function") and (n.target in ("t", torch.t)):
+                return len(n.args) == 1
+            if n.op in ("call_method", "call_function") and n.target in ("transpose", torch.transpose):
+                return {int(d) % 2 for d in n.args[1:3]} == {0, 1} if len(n.args) == 3 else False
+            return False
+
+        def core(n: Any) -> bool:
+            if not isinstance(n, torch.fx.Node) or n.op != "call_function":
+                return False
+            if n.target in (operator.matmul, torch.matmul) and len(n.args) == 2 and n.args[0] is ph[0]:
+                return w_t(n.args[1])
+            return False
+
+        if len(ph) == 1 and len(out) == 1:
+            y = out[0].args[0]
+            used = {n for n in nodes if n.op not in ("placeholder", "output")}
+            if isinstance(y, torch.fx.Node) and y.op == "call_function" and y.target is torch.nn.functional.linear:
+                a = list(y.args) + [y.kwargs.get("bias")] * (3 - len(y.args))
+                ok = a[0] is ph[0] and attr(a[1], "weight") and (attr(a[2], "bias") if m.bias is not None else a[2] is None)
+                ok = ok and len(used) == 1 + 1 + (m.bias is not None)
+            elif m.bias is None:
+                ok = core(y) and len(used) == 3
+            elif isinstance(y, torch.fx.Node) and y.op == "call_function" and y.target in (operator.add, torch.add) \
+                    and len(y.args) == 2:
+                lhs, rhs = y.args
+                ok = ((core(lhs) and attr(rhs, "bias")) or (core(rhs) and attr(lhs, "bias"))) and len(used) == 5
+    _LINEAR_FORWARD_CACHE[key] = ok
+    return ok
+
+
+@dataclass
+class _Site:
+    """Where the one explicit centring op of a stream goes."""
+
+    node: GNode                 # the non-linear stream node
+    kind: str                   # "output": forward hook on the module computing it; "input": pre-hook where it enters
+    path: str
+    dim: int                    # hidden axis (negative) of the centred tensor
+    shape: tuple[int, ...] | None
+    reason: str                 # why the stream's parameters cannot centre it
+    arg: int | str | None = None
+
+    @property
+    def width(self) -> int:
+        return int(self.shape[self.dim]) if self.shape else 0
+
+
+#: a centring op costs what the centring part of one LayerNorm costs; it pays only when it makes at least this
+#: many LayerNorm calls exact (each of them then drops its own mean and subtraction)
+MIN_LAYERNORMS_PER_CENTRING_OP = 2
+
+
+def _place_centring_ops(module: nn.Module, graph: ModelGraph, a: _Analysis, inputs: tuple) -> list[_Site]:
+    """One centring op per stream that starts at a non-linear map, where it is worth it and can be placed.
+
+    The rule: at most one op per stream (more non-linear starts -> approximate), and only when the stream
+    feeds at least :data:`MIN_LAYERNORMS_PER_CENTRING_OP` LayerNorm calls. Refusals become problems of the
+    stream (it is then converted approximately, with the reason).
+    """
+    by_root: dict[Any, list[GNode]] = {}
+    for n in a.sites:
+        by_root.setdefault(a.find(n), []).append(n)
+    placed: list[_Site] = []
+    troubled = {a.find(k) for k in a.problems}
+    for root, nodes in by_root.items():
+        reasons = [a.sites[n][1] for n in nodes]
+        if root in troubled:  # not exact anyway (a post-LN block, a head reading the stream): no op to discuss
+            for n in nodes:
+                a.problem(n, a.sites[n][1])
+            continue
+        if len(nodes) > 1:
+            for n in nodes:
+                a.problem(n, f"{a.sites[n][1]} (the stream starts at {len(nodes)} non-linear maps; normfold adds at "
+                             "most one centring op per stream)")
+            continue
+        n = nodes[0]
+        axis, reason = a.sites[n]
+        lns = sum(1 for c in a.ln_calls if a.find(a.reader_key(c)) is root)
+        if lns < MIN_LAYERNORMS_PER_CENTRING_OP:
+            a.problem(n, f"{reason} (a centring op there would make only {lns} LayerNorm call exact, which saves no "
+                         "more than it costs)")
+            continue
+        if not inputs:
+            a.problem(n, f"{reason} (a centring op could make it exact: pass example_inputs)")
+            continue
+        try:
+            placed.append(_site_for(graph, a, n, axis, reasons[0]))
+        except _Refuse as r:
+            a.problem(n, f"{reason} ({r})")
+    if placed:
+        for site, problem in zip(list(placed), _probe_sites(module, inputs, placed)):
+            if problem is not None:
+                a.problem(site.node, f"{site.reason} ({problem})")
+                placed.remove(site)
+    return placed
+
+
+def _node_stack(n: GNode) -> list[str]:
+    stack = n.fx_node.meta.get("nn_module_stack") if n.fx_node is not None else None
+    return [p for p in (_stack_path(v) for v in (stack or {}).values()) if p and not p.startswith("L[")]
+
+
+def _site_for(graph: ModelGraph, a: _Analysis, n: GNode, axis: int, reason: str) -> _Site:
+    """A module output hook when ``n`` is a module call; else a pre-hook on the first module the stream enters."""
+    if n.op == "module":
+        if graph.call_count(n.target) != 1:
+            raise _Refuse(f"{n.target} is called {graph.call_count(n.target)} times")
+        return _Site(n, "output", n.target, axis, n.shape, reason)
+    cur = n
+    for _ in range(32):
+        users = [u for u in cur.users if not _reads_metadata_only(u)]
+        if not users:
+            break
+        here = set(_node_stack(cur))
+        stacks = [_node_stack(u) for u in users]
+        common = [p for p in stacks[0] if p not in here and all(p in st for st in stacks[1:])]
+        if common:
+            return _Site(cur, "input", common[0], a.axis.get(cur, axis), cur.shape, reason)
+        if len(users) == 1 and users[0] in a.axis and users[0].op in ("function", "method"):
+            cur = users[0]
+            continue
+        break
+    raise _Refuse("no module boundary where the stream enters a block, to put a centring op on")
+
+
+def _probe_sites(module: nn.Module, inputs: tuple, sites: list[_Site]) -> list[str | None]:
+    """Run the model once with recording hooks: each site's module must be called once, with the tensor expected."""
+    seen: list[list[Any]] = [[] for _ in sites]
+    handles = []
+    for i, site in enumerate(sites):
+        m = module.get_submodule(site.path)
+        if site.kind == "output":
+            handles.append(m.register_forward_hook(
+                lambda mod, args, out, i=i: seen[i].append(tuple(out.shape) if isinstance(out, torch.Tensor) else None)))
+        else:
+            def pre(mod: nn.Module, args: tuple, kwargs: dict, i: int = i) -> None:
+                seen[i].append(([tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in args],
+                                {k: tuple(v.shape) for k, v in kwargs.items() if isinstance(v, torch.Tensor)}))
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with eval_mode(module), torch.no_grad():
+            module(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    problems: list[str | None] = []
+    for site, calls in zip(sites, seen):
+        if len(calls) != 1:
+            problems.append(f"{site.path} is called {len(calls)} times")
+            continue
+        if site.kind == "output":
+            problems.append(None if calls[0] == site.shape else f"{site.path} does not return the stream as one tensor")
+            continue
+        pos, kw = calls[0]
+        match = [i for i, sh in enumerate(pos) if sh == site.shape]
+        kw_match = [k for k, sh in kw.items() if sh == site.shape]
+        if len(match) + len(kw_match) != 1:
+            problems.append(f"cannot tell which input of {site.path} is the stream")
+            continue
+        site.arg = match[0] if match else kw_match[0]
+        problems.append(None)
+    return problems
+
+
+def _stack_path(entry: Any) -> str:
+    """A dotted module path from one ``nn_module_stack`` entry ("L['self'].h.0" or "h.0")."""
+    path = str(entry[0] if isinstance(entry, (tuple, list)) else entry)
+    for prefix in ("L['self'].", "L__self__.", "self."):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+    return path.replace("['", ".").replace("']", "").replace("[", ".").replace("]", "").strip(".")
+
+
+def _fill_shapes(graph: ModelGraph) -> None:
+    """Give every node whose shape the graph left out (torch.export placeholders: inputs, parameters) its shape.
+
+    The fake value torch.export recorded on the node gives it; a parameter read falls back to the tensor itself.
+    """
+    for n in graph.nodes:
+        if n.shape is not None:
+            continue
+        val = n.fx_node.meta.get("val") if n.fx_node is not None else None
+        if isinstance(val, torch.Tensor):
+            try:
+                n.shape = tuple(int(s) for s in val.shape)
+                n.dtype = val.dtype
+                continue
+            except Exception:  # a symbolic size
+                pass
+        if n.op == "attr":
+            owner, _, name = str(n.target).rpartition(".")
+            t = _get_tensor(graph.root, owner, name)
+            if t is not None:
+                n.shape, n.dtype = tuple(t.shape), t.dtype
+
+
 def _reshape_input_axis(out_shape: Sequence[int], in_shape: Sequence[int], axis: int) -> int | None:
     """Input axis (negative) that output ``axis`` is, when a reshape keeps it whole; None when it splits/merges."""
     out_ax = len(out_shape) + axis
@@ -669,14 +1073,22 @@ class LayerNormToRMSNorm(Pass):
         self.inputs_note = inputs_note
 
     def call(self, module: nn.Module) -> PassResult:
+        if hf.needs_wrapping(module, self.example_inputs):
+            # Hugging Face models (and keyword inputs): caches off, a flat tuple of tensors out, same module paths
+            with hf.traceable(module, self.example_inputs) as inputs:
+                return self._call(module, inputs)
+        return self._call(module, _as_tuple(self.example_inputs))
+
+    def _call(self, module: nn.Module, inputs: tuple) -> PassResult:
         result = PassResult(module=module)
-        inputs = _as_tuple(self.example_inputs)
         with eval_mode(module):
             graph = build_graph(module, inputs or None)
+        _fill_shapes(graph)
         result.metrics["graph_source"] = graph.source
         result.metrics["mode"] = self.mode
         slots = _tensor_slots(module)
         analysis = _StreamFinder(graph, slots).run()
+        sites = _place_centring_ops(module, graph, analysis, inputs)
         exact_roots, comp_reasons = self._exact_streams(analysis, slots)
         plans = self._plan_layers(module, graph, analysis, exact_roots, comp_reasons, result)
 
@@ -684,6 +1096,7 @@ class LayerNormToRMSNorm(Pass):
 
         # 1. centre the writers of every exact stream that feeds a LayerNorm converted exactly
         needed = {analysis.find(analysis.reader_key(c)) for p in plans if p.conversion == "exact" for c in p.calls}
+        self._fold_layerscales(module, analysis, needed, result)
         self._centre(module, graph, analysis, needed, slots, result)
         # 2. swap the LayerNorms (and fold shifts into the following Linear where possible)
         folded: dict[str, torch.Tensor] = {}
@@ -693,6 +1106,11 @@ class LayerNormToRMSNorm(Pass):
             folded_bias = self._swap(module, graph, p, slots, result)
             if folded_bias is not None:
                 folded[p.path] = folded_bias
+        # 2b. one explicit centring op where an exact stream starts at a non-linear map (after the swaps: the
+        # op may sit on a LayerNorm that was just replaced)
+        for site in sites:
+            if analysis.find(site.node) in needed:
+                self._insert_centring(module, analysis, site, result)
         # 3. measure
         if reference is not None:
             self._measure(module, inputs, plans, reference, folded, result)
@@ -703,6 +1121,48 @@ class LayerNormToRMSNorm(Pass):
         result.metrics["layers_exact"] = sum(p.conversion == "exact" for p in plans)
         result.metrics["layers_approx"] = sum(p.conversion == "approx" for p in plans)
         return result
+
+    def _fold_layerscales(self, module: nn.Module, a: _Analysis, roots: set[GNode], result: PassResult) -> None:
+        """``W <- diag(s) W``, ``c <- s * c``, ``s <- 1`` for every LayerScale on a stream about to be centred."""
+        for n, ls in a.layerscales.items():
+            if a.find(n) not in roots:
+                continue
+            scale = _get_tensor(module, *ls.scale)
+            writer = module.get_submodule(ls.writer)
+            with torch.no_grad():
+                s64 = scale.detach().to(torch.float64).reshape(-1)
+                for pname in ("weight", "bias"):
+                    t = getattr(writer, pname, None)
+                    if t is None:
+                        continue
+                    shape = [1] * t.dim()
+                    shape[0] = -1  # output features / channels are axis 0 of Linear and Conv weights and biases
+                    t.copy_((t.detach().to(torch.float64) * s64.reshape(shape)).to(t.dtype))
+                scale.fill_(1.0)
+            result.changes.append(Change(self.name, "fold_scale", (_slot_name(ls.scale), ls.writer),
+                                         f"folded the per-feature scale {_slot_name(ls.scale)} (LayerScale) into "
+                                         f"{ls.writer} ({type(writer).__name__}) as a diagonal scale; it is now 1",
+                                         {"scale": _slot_name(ls.scale), "writer": ls.writer}))
+
+    def _insert_centring(self, module: nn.Module, a: _Analysis, site: "_Site", result: PassResult) -> None:
+        target = module.get_submodule(site.path)
+        if site.kind == "output":
+            target.register_forward_hook(CentreOutput(site.dim))
+            where = f"on the output of {site.path} ({type(target).__name__})"
+        else:
+            target.register_forward_pre_hook(CentreInput(site.dim, site.arg), with_kwargs=True)
+            where = f"on input {site.arg!r} of {site.path} ({type(target).__name__}), where the stream enters it"
+        root = a.find(site.node)
+        ln_paths = sorted({c.target for c in a.ln_calls if a.find(a.reader_key(c)) is root})
+        tokens = _numel(site.shape) // int(site.shape[site.dim]) if site.shape else None
+        result.changes.append(Change(self.name, "centre_op", (site.path,),
+                                     f"added one centring op (x - mean over the hidden axis) {where}: {site.reason}; "
+                                     f"it makes {len(ln_paths)} LayerNorms exact ({_short_list(ln_paths)}) at a cost "
+                                     f"of 2*{site.width} FLOPs per token",
+                                     {"kind": site.kind, "path": site.path, "dim": site.dim, "arg": site.arg,
+                                      "hidden": site.width, "flops_per_token": 2 * site.width,
+                                      "tokens_on_example_inputs": tokens, "layernorms_made_exact": len(ln_paths),
+                                      "why": site.reason}))
 
     # -- analysis -> decisions ------------------------------------------------------------------
     def _exact_streams(self, a: _Analysis, slots: dict[int, list[tuple[str, str]]]) -> tuple[set[GNode], dict[GNode, list[str]]]:
@@ -748,15 +1208,8 @@ class LayerNormToRMSNorm(Pass):
                         if r in exact:
                             changed |= bad(r, f"{uses[0][0].desc} shares a tensor with a writer of a stream that "
                                               "cannot be made mean-free")
-                owners = slots.get(pid, [])
-                writer_slots = {(o, nm) for w, _, _ in uses for (o, nm, _) in w.slots}
-                others = [s for s in owners if s not in writer_slots]
-                if others and g.source != "fx":
-                    for r in roots_here:
-                        if r in exact:
-                            changed |= bad(r, f"{uses[0][0].desc} shares its weight with {_slot_name(others[0])} "
-                                              "(tied weights) and the model was traced with torch.export, which "
-                                              "does not tell normfold which reader is which")
+                # A tied tensor's other holders (an LM head) are untied before centring and keep the original
+                # values: which holder the stream reads is known from the graph, whichever tracer ran.
         exact = {r for r in roots if not reasons.get(r)}
         return exact, reasons
 
@@ -904,7 +1357,7 @@ class LayerNormToRMSNorm(Pass):
                 return u.target if self._mha_takes_shift(graph, u, node, slots) else None
             if u.op == "module":
                 m = graph.modules[u.target]
-                if not isinstance(m, nn.Linear) or producer_problem(m) is not None or graph.call_count(u.target) != 1:
+                if not isinstance(m, nn.Linear) or _writer_problem(m) is not None or graph.call_count(u.target) != 1:
                     return None
                 if graph.external_param_reads(u.target) or not u.args or u.args[0] is not node:
                     return None

@@ -334,7 +334,7 @@ class ExportOnlyGPT(TinyGPT):
         return self.lm_head(self.ln_f(self.blocks(x)))
 
 
-def test_export_graph_exact_and_tied_weights_refused_there() -> None:
+def test_export_graph_exact_and_tied_head_untied_there_too() -> None:
     torch.manual_seed(0)
     idx = tokens()
     model = randomize_layernorms_and_heads(ExportOnlyGPT(tied=False)).eval()
@@ -343,11 +343,22 @@ def test_export_graph_exact_and_tied_weights_refused_there() -> None:
     assert not r.skipped and set(conversions(r).values()) == {"exact"} and len(conversions(r)) == 5
     assert_outputs_close(run_eval(r.module, (idx,)), run_eval(model, (idx,)), TOL, what="export-traced GPT exact")
 
-    tied = randomize_layernorms_and_heads(ExportOnlyGPT(tied=True)).eval()
-    r = layernorm_to_rmsnorm(tied, mode="exact", example_inputs=idx)
-    assert r.metrics["graph_source"] == "export" and len(r.skipped) == 5
-    assert all("tied" in s.reason for s in r.skipped)
-    assert_outputs_close(run_eval(r.module, (idx,)), run_eval(tied, (idx,)), TOL, what="export-traced tied GPT")
+    # torch.export keeps one placeholder for a tied tensor, named after whichever holder comes first: the
+    # holder the stream reads is found from the module the reading op runs in, in either order.
+    for head_first in (False, True):
+        tied = randomize_layernorms_and_heads(ExportOnlyGPT(tied=True)).eval()
+        if head_first:
+            tied._modules = {"lm_head": tied._modules["lm_head"],
+                             **{k: v for k, v in tied._modules.items() if k != "lm_head"}}
+            assert next(n for n, _ in tied.named_parameters()) == "lm_head.weight"
+        r = layernorm_to_rmsnorm(tied, mode="exact", example_inputs=idx)
+        assert r.metrics["graph_source"] == "export" and not r.skipped
+        assert set(conversions(r).values()) == {"exact"} and len(conversions(r)) == 5
+        unties = [c for c in r.changes if c.action == "untie"]
+        assert len(unties) == 1 and unties[0].paths == ("lm_head.weight", "tok.weight"), head_first
+        assert torch.equal(r.module.lm_head.weight, tied.tok.weight)  # the head keeps the original values
+        assert tied.lm_head.weight is tied.tok.weight
+        assert_outputs_close(run_eval(r.module, (idx,)), run_eval(tied, (idx,)), TOL, what="export-traced tied GPT")
 
 
 class CrossAttention(nn.Module):
