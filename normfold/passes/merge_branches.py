@@ -1,0 +1,936 @@
+"""Merge parallel linear branches that meet at an add into one convolution (structural re-parameterization).
+
+RepVGG, MobileOne, FastViT, RepViT, RepGhost, ACNet and DBB train blocks whose
+branches read the same tensor ``x`` and add up::
+
+    y = BN_a(conv_kxk(x)) + BN_b(conv_1x1(x)) + BN_c(x) [+ avgpool(x)] [* gamma] ...
+
+In eval mode every branch is an affine map of ``x`` that is itself a
+convolution, so the sum is one convolution. This pass finds such regions on the
+dataflow graph (torch.fx, one block at a time) and writes the one conv.
+
+The algebra. Every tensor of a region is a *term*: ``conv(x; W, b)`` with a
+kernel ``W`` of shape ``(C_out, C_in/groups, *k)``, a bias, a stride, a
+dilation and a padding ``lo`` before / ``hi`` after each spatial axis, all in
+float64. The rules that build terms:
+
+* a conv module is its own term; a BatchNorm in eval (:func:`normfold.norms.batchnorm_affine`,
+  ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``) and a per-channel
+  constant scale are the diagonal term ``W[c, 0] = s_c`` (groups = C); the
+  identity is the one-hot kernel ``s_c = 1``; an ``AvgPool`` (zero padding
+  counted, no ceil mode) is the uniform depthwise kernel ``1/prod(k)``.
+* ``a + b`` (and ``a - b``) of two terms of the same ``x``: both kernels are
+  zero-padded to the smallest kernel covering both, with taps aligned
+  (same stride; same dilation where a kernel has more than one tap; the
+  difference of the ``lo`` paddings a multiple of the dilation; the same
+  slack ``hi - reach`` so that both produce the same output size), the groups
+  brought to their gcd (a conv with ``g`` groups is a block-diagonal conv with
+  any ``d | g`` groups), then ``W = W_a +- W_b``, ``b = b_a +- b_b``. Zero-padded
+  taps read zeros or real inputs times zero, so the sum is exact.
+* ``op(T)`` where ``op`` is pointwise (1x1, stride 1, no padding):
+  ``W[o, i] = sum_m W_op[o, m] W_T[m, i]``, ``b = W_op b_T + b_op`` -- exact.
+* ``op(T)`` where ``T`` is pointwise and ``op`` has a kxk kernel (the 1x1 ->
+  kxk rule, the avg-pool branch of DBB): ``W[o, i, k] = sum_m W_op[o, m, k] W_T[m, i]``,
+  ``b = b_op + sum_{m,k} W_op[o, m, k] b_T[m]``. Exact only when ``op`` reads
+  no padding or ``b_T = 0``: ``op`` pads ``T``'s output with zeros where the
+  merged conv would see ``b_T``. Otherwise the branch is left, with that reason.
+
+What is refused, each with its reason in ``PassResult.skipped``: a branch
+through a nonlinearity, a BatchNorm in training mode, strides, dilations or
+paddings that do not line up, a branch output read elsewhere, a module with
+hooks, an in-place op on the shared input, and a merge whose conv would cost
+more multiply-adds than the ops it replaces (a dense 1x1 after a depthwise kxk
+is left alone for that reason).
+
+The model that comes back: the outer class stays; each block whose branches
+merged (the innermost module whose ``forward`` holds the whole region) gives
+way, at its path, to a ``torch.fx.GraphModule`` holding the merged conv
+(``merged_conv``) and whatever came after the add (activation, SE, ...). When
+the region is in the model's own ``forward``, the whole model comes back as
+that GraphModule. Each merge is a :class:`Change` naming the block and the
+modules merged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+import torch.fx
+from torch import nn
+from torch.nn import functional as F
+
+from normfold.graph import is_leaf_type
+from normfold.norms import batchnorm_affine, batchnorm_remnant, is_batchnorm, set_submodule
+from normfold.passes.base import Change, Pass, PassResult, Skip
+
+__all__ = ["MergeBranches", "merge_branches"]
+
+log = logging.getLogger(__name__)
+
+PASS_NAME = "merge_branches"
+
+_CONV_FORWARDS = {nn.Conv1d.forward: 1, nn.Conv2d.forward: 2, nn.Conv3d.forward: 3}
+_POOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_PASS_THROUGH = (nn.Identity,)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+_ADD = {operator.add, torch.add, "add"}
+_SUB = {operator.sub, torch.sub, "sub"}
+_MUL = {operator.mul, torch.mul, "mul"}
+_DIV = {operator.truediv, torch.div, "div"}
+_NEG = {operator.neg, torch.neg, "neg"}
+#: ops evaluated on constants (parameters, buffers, numbers): layer-scale ``gamma.view(1, -1, 1, 1)`` and the like
+_CONST_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "flatten", "contiguous", "float", "double",
+                  "to", "mul", "add", "sub", "div", "neg"}
+_CONST_FUNCTIONS = {operator.mul, operator.add, operator.sub, operator.truediv, operator.neg,
+                    torch.unsqueeze, torch.reshape, torch.squeeze, torch.flatten, torch.mul, torch.add}
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+# ----------------------------------------------------------------------------------------------- terms
+
+
+@dataclass
+class _Term:
+    """A tensor of a region as one convolution of ``root``: ``conv(root; weight, bias, stride, ...)``.
+
+    ``weight`` is float64 ``(C_out, C_in/groups, *k)``. A *uniform* term (``groups is None``) is a
+    depthwise kernel the same for every channel whose count is not known yet (identity, avg-pool,
+    a scalar): ``weight`` is ``(1, 1, *k)`` and ``bias`` ``(1,)``. ``rank`` (spatial dims) is None for
+    a pointwise term met before any op that fixes it; its kernel then has no spatial dims.
+    """
+
+    root: torch.fx.Node
+    weight: torch.Tensor
+    bias: torch.Tensor
+    groups: int | None
+    rank: int | None
+    stride: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    lo: tuple[int, ...] = ()
+    hi: tuple[int, ...] = ()
+    #: region nodes this term replaces (the root excluded), in the order they were absorbed
+    nodes: list[torch.fx.Node] = field(default_factory=list)
+    #: nodes whose terms this one absorbed directly (where a too-costly merge falls back to)
+    inputs: list[torch.fx.Node] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    branches: int = 1
+    merges: int = 0
+    convs: int = 0
+    #: multiply-adds of the ops replaced, per pixel of ``root``
+    cost: float = 0.0
+    #: cost per channel of ops met while the channel count was unknown (an avg-pool on the identity)
+    uniform_cost: float = 0.0
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
+    requires_grad: bool = False
+
+    @property
+    def uniform(self) -> bool:
+        return self.groups is None
+
+    @property
+    def cout(self) -> int | None:
+        return None if self.uniform else self.weight.shape[0]
+
+    @property
+    def cin(self) -> int | None:
+        return None if self.uniform else self.weight.shape[1] * self.groups
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    def is_pointwise(self) -> bool:
+        """1 tap on every axis, stride 1, no padding (or no spatial axes known yet)."""
+        return all(k == 1 for k in self.kernel) and all(s == 1 for s in self.stride) and \
+            not any(self.lo) and not any(self.hi)
+
+    def is_diagonal(self) -> bool:
+        """A per-channel scale: pointwise and one input per output channel."""
+        return self.is_pointwise() and self.weight.shape[1] == 1 and (self.uniform or self.groups == self.cout)
+
+    def conv_macs(self) -> float:
+        """Multiply-adds of this term as one conv, per pixel of ``root`` (0 while channels are unknown)."""
+        if self.uniform:
+            return 0.0
+        return self.weight.numel() / math.prod(self.stride or (1,))
+
+
+def _identity(root: torch.fx.Node) -> _Term:
+    one = torch.ones(1, 1, dtype=torch.float64)
+    return _Term(root=root, weight=one, bias=torch.zeros(1, dtype=torch.float64), groups=None, rank=None)
+
+
+def _with_rank(t: _Term, rank: int | None) -> _Term | str:
+    if rank is None or t.rank == rank:
+        return t
+    if t.rank is not None:
+        return f"branches have {t.rank} and {rank} spatial dims"
+    w = t.weight.reshape(*t.weight.shape[:2], *([1] * rank))
+    return replace(t, weight=w, rank=rank, stride=(1,) * rank, dilation=(1,) * rank, lo=(0,) * rank, hi=(0,) * rank)
+
+
+def _with_channels(t: _Term, channels: int | None) -> _Term | str:
+    """Give a uniform term its channel count (depthwise: ``groups = channels``)."""
+    if channels is None or not t.uniform:
+        if channels is not None and t.cout != channels:
+            return f"channel counts differ ({t.cout} vs {channels})"
+        return t
+    w = t.weight.expand(channels, *t.weight.shape[1:]).clone()
+    return replace(t, weight=w, bias=t.bias.expand(channels).clone(), groups=channels,
+                   cost=t.cost + t.uniform_cost * channels, uniform_cost=0.0)
+
+
+def _regroup(t: _Term, groups: int) -> _Term:
+    """The same conv written with ``groups`` groups (``groups`` divides ``t.groups``): block-diagonal."""
+    if t.uniform or t.groups == groups:
+        return t
+    g, r = t.groups, t.groups // groups
+    cout, cin_g = t.weight.shape[0], t.weight.shape[1]
+    co = cout // g
+    k = t.kernel
+    wg = t.weight.reshape(groups, r, co, cin_g, *k)
+    out = torch.zeros(groups, r, co, r, cin_g, *k, dtype=t.weight.dtype)
+    idx = torch.arange(r)
+    # out[:, j, :, j] = wg[:, j]: the j-th small group sits on the diagonal of its larger group
+    out[:, idx, :, idx] = wg.transpose(0, 1)
+    return replace(t, weight=out.reshape(cout, r * cin_g, *k), groups=groups)
+
+
+def _common(a: _Term, b: _Term) -> tuple[_Term, _Term] | str:
+    """Bring two terms to the same rank, channel count and groups."""
+    rank = a.rank if a.rank is not None else b.rank
+    a2, b2 = _with_rank(a, rank), _with_rank(b, rank)
+    if isinstance(a2, str):
+        return a2
+    if isinstance(b2, str):
+        return b2
+    a2, b2 = _with_channels(a2, b2.cout), _with_channels(b2, a2.cout)
+    if isinstance(a2, str):
+        return a2
+    if isinstance(b2, str):
+        return b2
+    if not a2.uniform:
+        if a2.cin != b2.cin:
+            return f"branches read {a2.cin} and {b2.cin} channels"
+        g = math.gcd(a2.groups, b2.groups)
+        a2, b2 = _regroup(a2, g), _regroup(b2, g)
+    return a2, b2
+
+
+def _merged_meta(a: _Term, b: _Term, **kw: Any) -> dict[str, Any]:
+    return dict(nodes=a.nodes + b.nodes, paths=a.paths + b.paths, convs=a.convs + b.convs,
+                cost=a.cost + b.cost, uniform_cost=a.uniform_cost + b.uniform_cost, dtype=a.dtype or b.dtype, device=a.device or b.device,
+                requires_grad=a.requires_grad or b.requires_grad, **kw)
+
+
+def _add(a: _Term, b: _Term, sign: float) -> _Term | str:
+    """``a + sign * b`` on the same root: kernels padded to the covering kernel, taps aligned."""
+    pair = _common(a, b)
+    if isinstance(pair, str):
+        return pair
+    a, b = pair
+    stride, dil, lo, hi, k_new, pads_a, pads_b = [], [], [], [], [], [], []
+    for d in range(a.rank or 0):
+        ka, kb = a.kernel[d], b.kernel[d]
+        if a.stride[d] != b.stride[d]:
+            return f"strides differ ({a.stride} vs {b.stride})"
+        da = a.dilation[d] if ka > 1 else None
+        db = b.dilation[d] if kb > 1 else None
+        if da is not None and db is not None and da != db:
+            return f"dilations differ ({a.dilation} vs {b.dilation})"
+        dd = da or db or 1
+        # tap j of a reads position out*stride - lo + j*dil; reach = position of the last tap
+        reach_a, reach_b = (ka - 1) * dd - a.lo[d], (kb - 1) * dd - b.lo[d]
+        if a.hi[d] - reach_a != b.hi[d] - reach_b:
+            return f"paddings do not line up (padding {a.lo}/{a.hi} with kernel {a.kernel} vs {b.lo}/{b.hi} with {b.kernel})"
+        if (a.lo[d] - b.lo[d]) % dd:
+            return f"taps do not line up (padding {a.lo} vs {b.lo} with dilation {dd})"
+        lo_n, reach_n = max(a.lo[d], b.lo[d]), max(reach_a, reach_b)
+        k_n = (reach_n + lo_n) // dd + 1
+        pads_a.append(((lo_n - a.lo[d]) // dd, k_n - ka - (lo_n - a.lo[d]) // dd))
+        pads_b.append(((lo_n - b.lo[d]) // dd, k_n - kb - (lo_n - b.lo[d]) // dd))
+        stride.append(a.stride[d]), dil.append(dd), lo.append(lo_n), hi.append(reach_n + a.hi[d] - reach_a)
+        k_new.append(k_n)
+
+    def padded(w: torch.Tensor, pads: list[tuple[int, int]]) -> torch.Tensor:
+        flat = [p for pair in reversed(pads) for p in pair]  # F.pad wants the last axis first
+        return F.pad(w, flat) if any(flat) else w
+
+    w = padded(a.weight, pads_a) + sign * padded(b.weight, pads_b)
+    return _Term(root=a.root, weight=w, bias=a.bias + sign * b.bias, groups=a.groups, rank=a.rank,
+                 stride=tuple(stride), dilation=tuple(dil), lo=tuple(lo), hi=tuple(hi),
+                 **_merged_meta(a, b, branches=a.branches + b.branches, merges=a.merges + b.merges + 1,
+                                inputs=a.inputs + b.inputs))
+
+
+def _scale(t: _Term, s: torch.Tensor, shift: torch.Tensor) -> _Term | str:
+    """``s * T + shift`` per output channel (``s``/``shift`` of length C or 1)."""
+    n = max(s.numel(), shift.numel())
+    if n > 1:
+        t2 = _with_channels(t, n)
+        if isinstance(t2, str):
+            return t2
+        t = t2
+    w = t.weight * s.reshape(-1, *([1] * (t.weight.dim() - 1)))
+    per_pixel = 1 / math.prod(t.stride or (1,))
+    if t.uniform:
+        return replace(t, weight=w, bias=t.bias * s + shift, uniform_cost=t.uniform_cost + per_pixel)
+    return replace(t, weight=w, bias=t.bias * s + shift, cost=t.cost + t.cout * per_pixel)
+
+
+def _compose(outer: _Term, inner: _Term) -> _Term | str:
+    """``outer(inner(x))``: exact when one of the two is pointwise (see the module docstring)."""
+    if outer.is_diagonal():
+        r = _with_rank(inner, outer.rank)
+        if isinstance(r, str):
+            return r
+        out = _scale(r, outer.weight.reshape(-1), outer.bias)
+        if isinstance(out, str):
+            return out
+        return replace(out, nodes=inner.nodes + outer.nodes, paths=inner.paths + outer.paths,
+                       dtype=inner.dtype or outer.dtype, device=inner.device or outer.device,
+                       requires_grad=inner.requires_grad or outer.requires_grad)
+    if not (outer.is_pointwise() or inner.is_pointwise()):
+        return (f"a kernel {outer.kernel} after a kernel {inner.kernel} is not one conv "
+                "(only a pointwise conv on either side composes exactly)")
+    pair = _common_chain(outer, inner)
+    if isinstance(pair, str):
+        return pair
+    outer, inner = pair
+    # A composition may cost more than its two ops and still pay off once a sibling branch of the
+    # same size is added (DBB's 1x1 -> avg-pool branch); far beyond that (a dense 1x1 after a
+    # depthwise 7x7) it never does, and computing it would take seconds and gigabytes.
+    size = outer.weight.shape[0] * inner.weight.shape[1] * math.prod(outer.kernel) * math.prod(inner.kernel)
+    ratio = size / max(outer.cost + inner.cost, 1.0)
+    if ratio > 16 or (ratio > 1 and size > 4e6):
+        return f"composing {outer.kernel} with {inner.kernel} would multiply the work by {ratio:.0f}"
+    g = outer.groups or 1  # both uniform: computed as one channel, the result stays uniform
+    meta = _merged_meta(outer, inner, branches=inner.branches, merges=inner.merges + outer.merges)
+    meta["uniform_cost"] = inner.uniform_cost + outer.uniform_cost / math.prod(inner.stride or (1,))
+    meta["cost"] = inner.cost + outer.cost / math.prod(inner.stride or (1,))
+    if outer.is_pointwise():
+        co, m = outer.weight.shape[0] // g, outer.weight.shape[1]
+        wo = outer.weight.reshape(g, co, m)
+        wi = inner.weight.reshape(g, m, -1)
+        w = torch.einsum("gom,gmr->gor", wo, wi).reshape(outer.weight.shape[0], *inner.weight.shape[1:])
+        b = (wo @ inner.bias.reshape(g, m, 1)).reshape(-1) + outer.bias
+        return _Term(root=inner.root, weight=w, bias=b, groups=outer.groups, rank=inner.rank, stride=inner.stride,
+                     dilation=inner.dilation, lo=inner.lo, hi=inner.hi, **meta)
+    if inner.is_pointwise():
+        if (any(outer.lo) or any(outer.hi)) and bool(inner.bias.ne(0).any()):
+            return ("a pointwise branch with a bias feeds a padded op: the merged conv would read "
+                    "zeros where the original reads that bias at the border")
+        co, m, k = outer.weight.shape[0] // g, outer.weight.shape[1], outer.kernel
+        wo = outer.weight.reshape(g, co, m, -1)
+        wi = inner.weight.reshape(g, m, -1)
+        w = torch.einsum("gomk,gmi->goik", wo, wi).reshape(outer.weight.shape[0], wi.shape[-1], *k)
+        b = (wo.sum(-1) @ inner.bias.reshape(g, m, 1)).reshape(-1) + outer.bias
+        return _Term(root=inner.root, weight=w, bias=b, groups=outer.groups, rank=outer.rank, stride=outer.stride,
+                     dilation=outer.dilation, lo=outer.lo, hi=outer.hi, **meta)
+    return (f"a kernel {outer.kernel} after a kernel {inner.kernel} is not one conv "
+            "(only a pointwise conv on either side composes exactly)")
+
+
+def _common_chain(outer: _Term, inner: _Term) -> tuple[_Term, _Term] | str:
+    """Rank, channels and groups for ``outer(inner)``: outer's inputs are inner's outputs."""
+    rank = outer.rank if outer.rank is not None else inner.rank
+    o, i = _with_rank(outer, rank), _with_rank(inner, rank)
+    if isinstance(o, str):
+        return o
+    if isinstance(i, str):
+        return i
+    if o.uniform and not i.uniform:
+        o = _with_channels(o, i.cout)
+    elif i.uniform and not o.uniform:
+        i = _with_channels(i, o.cin)
+    if isinstance(o, str):
+        return o
+    if isinstance(i, str):
+        return i
+    if o.uniform:  # both uniform: compute as one channel, stays uniform
+        return o, i
+    if o.cin != i.cout:
+        return f"{i.cout} channels feed an op that reads {o.cin}"
+    g = math.gcd(o.groups, i.groups)
+    return _regroup(o, g), _regroup(i, g)
+
+
+# ----------------------------------------------------------------------------------------------- ops -> terms
+
+
+@dataclass
+class _Barrier:
+    """A node that is not (or may not be treated as) a linear op of a tensor; ``reason`` says why."""
+
+    reason: str
+    nonlinear: bool = False
+
+
+@dataclass
+class _Const:
+    value: Any
+
+
+def _module_term(m: nn.Module, path: str, node: torch.fx.Node, root: torch.fx.Node) -> _Term | _Barrier | None:
+    """The term of module ``m`` applied to ``root``; None for a pass-through (Identity, eval Dropout)."""
+    if m._forward_hooks or m._forward_pre_hooks:
+        return _Barrier(f"{path} has forward hooks that merging would drop")
+    if isinstance(m, _PASS_THROUGH):
+        return None
+    if isinstance(m, _DROPOUTS):
+        return None if not m.training else _Barrier(f"{path} is a dropout in training mode", nonlinear=True)
+    rank = _CONV_FORWARDS.get(type(m).forward)
+    if isinstance(m, nn.modules.conv._ConvNd) and rank is not None and not m.transposed:
+        if m.padding_mode != "zeros":
+            return _Barrier(f"{path} pads with {m.padding_mode!r}, not zeros")
+        k, dil, stride = tuple(m.kernel_size), tuple(m.dilation), tuple(m.stride)
+        if m.padding == "valid":
+            lo = hi = (0,) * rank
+        elif m.padding == "same":
+            total = [d * (kk - 1) for d, kk in zip(dil, k)]
+            lo, hi = tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
+        else:
+            lo = hi = tuple(m.padding)
+        w = m.weight.detach().double()
+        b = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64,
+                                                                             device=w.device)
+        return _Term(root=root, weight=w.cpu(), bias=b.cpu(), groups=m.groups, rank=rank, stride=stride,
+                     dilation=dil, lo=lo, hi=hi, nodes=[node], paths=[path], convs=1, cost=w.numel() / math.prod(stride),
+                     dtype=m.weight.dtype, device=m.weight.device, requires_grad=m.weight.requires_grad)
+    if is_batchnorm(m):
+        aff = batchnorm_affine(m)
+        if isinstance(aff, str):
+            return _Barrier(f"{path}: {aff}")
+        if not isinstance(batchnorm_remnant(m), nn.Identity):
+            return _Barrier(f"{path} applies an activation after normalizing", nonlinear=True)
+        rank = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(next((c for c in type(m).__mro__ if c in
+                                                               (nn.BatchNorm2d, nn.BatchNorm3d)), None))
+        c = aff.scale.numel()
+        w = aff.scale.reshape(c, 1).cpu()
+        t = _Term(root=root, weight=w, bias=aff.shift.cpu(), groups=c, rank=None, nodes=[node], paths=[path],
+                  cost=float(c), dtype=m.running_mean.dtype, device=m.running_mean.device)
+        r = _with_rank(t, rank)
+        return r if isinstance(r, _Term) else _Barrier(r)
+    pool_rank = next((r for cls, r in _POOLS.items() if type(m) is cls), None)
+    if pool_rank is not None:
+        if m.ceil_mode:
+            return _Barrier(f"{path} uses ceil_mode (its last window is not a fixed kernel)")
+        k = _tuple(m.kernel_size, pool_rank)
+        stride = _tuple(m.stride if m.stride else m.kernel_size, pool_rank)
+        pad = _tuple(m.padding, pool_rank)
+        if any(pad) and not m.count_include_pad:
+            return _Barrier(f"{path} excludes padding from its average (the border divisor varies)")
+        div = getattr(m, "divisor_override", None) or math.prod(k)
+        w = torch.full((1, 1, *k), 1.0 / div, dtype=torch.float64)
+        return _Term(root=root, weight=w, bias=torch.zeros(1, dtype=torch.float64), groups=None, rank=pool_rank,
+                     stride=stride, dilation=(1,) * pool_rank, lo=pad, hi=pad, nodes=[node], paths=[path],
+                     convs=1, uniform_cost=math.prod(k) / math.prod(stride))
+    return _Barrier(f"{path} ({type(m).__name__}) is not linear", nonlinear=True)
+
+
+def _tuple(v: Any, n: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * n
+
+
+def _per_channel(value: Any, rank: int | None) -> torch.Tensor | str:
+    """A constant as a per-channel vector (length C, or 1 for a scalar), or why it is not one."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor([float(value)], dtype=torch.float64)
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return f"operand {type(value).__name__} is not a float constant"
+    v = value.detach().double().cpu()
+    if v.numel() == 1:
+        return v.reshape(1)
+    if rank is None:
+        return "a tensor constant whose channel axis is not known yet"
+    n = rank + 2
+    if v.dim() > n:
+        return f"a constant of shape {tuple(v.shape)} broadcasts beyond the tensor"
+    shape = (1,) * (n - v.dim()) + tuple(v.shape)
+    if any(s != 1 for i, s in enumerate(shape) if i != 1):
+        return f"a constant of shape {tuple(v.shape)} is not per channel"
+    return v.reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------------- analysis
+
+
+class _Tracer(torch.fx.Tracer):
+    """Keeps conv, norm (BatchNormAct included) and timm's no-trace modules as leaves."""
+
+    def __init__(self, leaves: tuple[type, ...], autowrap: tuple[Callable, ...]) -> None:
+        super().__init__(autowrap_functions=autowrap)
+        self._leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if is_leaf_type(m) or is_batchnorm(m) or (self._leaves and isinstance(m, self._leaves)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    try:  # timm is optional: its blocks trace with its own no-trace registry when it is installed
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:
+        return (), ()
+    return tuple(get_notrace_modules()), tuple(f for f in get_notrace_functions() if callable(f))
+
+
+def _is_inplace(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(modules.get(node.target), "inplace", False))
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        return node.target in _INPLACE_FUNCTIONS or bool(node.kwargs.get("inplace", False))
+    return False
+
+
+class _BlockAnalysis:
+    """Terms of every node of one traced block, and the regions worth one conv."""
+
+    def __init__(self, gm: torch.fx.GraphModule, block_path: str) -> None:
+        self.gm = gm
+        self.block_path = block_path
+        self.modules = dict(gm.named_modules())
+        self.status: dict[torch.fx.Node, _Term | _Barrier | _Const] = {}
+        self.absorbed: set[torch.fx.Node] = set()
+        self.skips: list[tuple[tuple[str, ...], str]] = []
+        #: the add node of each skip (its scope names the block to report it at)
+        self.skip_nodes: list[torch.fx.Node] = []
+        for node in gm.graph.nodes:
+            self.status[node] = self._visit(node)
+
+    def _skip(self, node: torch.fx.Node, paths: tuple[str, ...], reason: str) -> None:
+        self.skips.append((paths, reason))
+        self.skip_nodes.append(node)
+
+    def _path(self, target: str) -> str:
+        return f"{self.block_path}.{target}" if self.block_path else target
+
+    # an operand as a term: its own term when this user is its only reader, else the identity of it
+    def _operand(self, node: torch.fx.Node) -> _Term:
+        st = self.status.get(node)
+        if isinstance(st, _Term) and len(node.users) == 1:
+            return replace(st, inputs=[node])
+        return _identity(node)
+
+    def _visit(self, node: torch.fx.Node) -> _Term | _Barrier | _Const:
+        if node.op == "get_attr":
+            return _Const(_fetch(self.gm, node.target))
+        if node.op in ("placeholder", "output"):
+            return _Barrier(node.op)
+        args = [a for a in node.args]
+        tensor_args = [a for a in args if isinstance(a, torch.fx.Node) and not isinstance(self.status.get(a), _Const)]
+        if node.op in ("call_function", "call_method") and not tensor_args and not node.kwargs:
+            const = self._const(node)
+            if const is not None:
+                return const
+        if node.op == "call_module":
+            if len(args) != 1 or node.kwargs or not isinstance(args[0], torch.fx.Node):
+                return _Barrier(f"{self._path(node.target)} takes more than one input")
+            m = self.modules[node.target]
+            op = _module_term(m, self._path(node.target), node, args[0])
+            if isinstance(op, _Barrier):
+                return op
+            inner = self._operand(args[0])
+            if op is None:  # pass-through: the node is its input
+                return replace(inner, nodes=inner.nodes + [node])
+            if not inner.nodes:  # straight on a root
+                return op
+            out = _compose(op, inner)
+            if isinstance(out, str):
+                return _Barrier(out) if not op.nodes else replace(op, root=args[0])
+            return replace(out, nodes=out.nodes, inputs=[args[0]])
+        target = node.target
+        if node.op in ("call_function", "call_method") and not node.kwargs:
+            if (target in _ADD or target in _SUB) and len(args) == 2:
+                return self._add(node, args[0], args[1], -1.0 if target in _SUB else 1.0)
+            if (target in _MUL or target in _DIV) and len(args) == 2:
+                return self._mul(node, args[0], args[1], div=target in _DIV)
+            if target in _NEG and len(args) == 1 and isinstance(args[0], torch.fx.Node):
+                return self._mul(node, args[0], -1.0, div=False)
+        name = getattr(target, "__name__", str(target))
+        return _Barrier(f"{name} is not a linear op this pass merges", nonlinear=True)
+
+    def _const(self, node: torch.fx.Node) -> _Const | None:
+        ok = (node.op == "call_method" and node.target in _CONST_METHODS) or \
+             (node.op == "call_function" and node.target in _CONST_FUNCTIONS)
+        if not ok:
+            return None
+        vals = [self.status[a].value if isinstance(a, torch.fx.Node) else a for a in node.args]
+        with torch.no_grad():
+            if node.op == "call_method":
+                return _Const(getattr(vals[0], node.target)(*vals[1:]))
+            return _Const(node.target(*vals))
+
+    def _value_or_term(self, a: Any) -> Any:
+        if isinstance(a, torch.fx.Node):
+            st = self.status.get(a)
+            return st.value if isinstance(st, _Const) else None
+        return a
+
+    def _add(self, node: torch.fx.Node, a: Any, b: Any, sign: float) -> _Term | _Barrier:
+        a_const, b_const = self._value_or_term(a), self._value_or_term(b)
+        if a_const is not None or b_const is not None:  # a bias: x + c, c + x, x - c
+            if a_const is not None and b_const is not None:
+                return _Barrier("constant")
+            tensor, const = (b, a_const) if a_const is not None else (a, b_const)
+            t = self._operand(tensor)
+            c = _per_channel(const, t.rank)
+            if isinstance(c, str):
+                return _Barrier(c)
+            s = torch.tensor([sign if a_const is not None else 1.0], dtype=torch.float64)
+            shift = c * (1.0 if a_const is not None else sign)
+            out = _scale(t, s, shift)
+            if isinstance(out, str):
+                return _Barrier(out)
+            return replace(out, nodes=out.nodes + [node])
+        ta, tb = self._operand(a), self._operand(b)
+        if ta.root is not tb.root:
+            self._explain(node, a, b)
+            return _Barrier("adds tensors of different sources")
+        out = _add(ta, tb, sign)
+        if isinstance(out, str):
+            paths = tuple(ta.paths + tb.paths)
+            self._skip(node, (self.block_path or "<model>",) + paths, f"branches not merged: {out}")
+            return _Barrier(out)
+        # the add itself is an elementwise op the merged conv replaces
+        return replace(out, nodes=out.nodes + [node], cost=out.cost + (out.cout or 0) / math.prod(out.stride or (1,)))
+
+    def _mul(self, node: torch.fx.Node, a: Any, b: Any, *, div: bool) -> _Term | _Barrier:
+        a_const, b_const = self._value_or_term(a), self._value_or_term(b)
+        if (a_const is None) == (b_const is None):
+            return _Barrier("product of two tensors", nonlinear=True)
+        if div and a_const is not None:
+            return _Barrier("division by a tensor", nonlinear=True)
+        tensor, const = (b, a_const) if a_const is not None else (a, b_const)
+        t = self._operand(tensor)
+        c = _per_channel(const, t.rank)
+        if isinstance(c, str):
+            return _Barrier(c)
+        if div:
+            c = 1.0 / c
+        out = _scale(t, c, torch.zeros(1, dtype=torch.float64))
+        if isinstance(out, str):
+            return _Barrier(out)
+        return replace(out, nodes=out.nodes + [node])
+
+    def _explain(self, node: torch.fx.Node, a: Any, b: Any) -> None:
+        """Why an add of two branches of one tensor was not merged (reported for short branches only:
+        a residual around a whole conv-act-conv stack is not a re-parameterizable block)."""
+        if not isinstance(a, torch.fx.Node) or not isinstance(b, torch.fx.Node):
+            return
+        chain_a, chain_b = self._chain(a), self._chain(b)
+        fork = next((n for n in chain_a if n in chain_b), None)
+        if fork is None:
+            return
+        where = self.block_path or "<model>"
+        for chain in (chain_a, chain_b):
+            path = chain[:chain.index(fork)]
+            modules = tuple(self._path(n.target) for n in path if n.op == "call_module")
+            for n in path:
+                if isinstance(self.status.get(n), _Term) and len(n.users) > 1:
+                    readers = ", ".join(u.name for u in n.users if u is not node)
+                    self._skip(node, (where, *modules), f"a branch output ({n.name}) is also read by {readers}")
+                    return
+            convs = sum(1 for n in path if n.op == "call_module" and
+                        isinstance(self.modules.get(n.target), nn.modules.conv._ConvNd))
+            barriers = [self.status[n] for n in path if isinstance(self.status.get(n), _Barrier)]
+            nonlinear = [s for s in barriers if s.nonlinear]
+            if nonlinear and convs <= 1:
+                self._skip(node, (where, *modules), f"a branch is not linear: {nonlinear[0].reason}")
+                return
+            if barriers and not nonlinear and convs <= 2:
+                self._skip(node, (where, *modules), f"a branch was left: {barriers[0].reason}")
+                return
+
+    def _chain(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+        """``node`` and its producers up through one-input ops (constants aside), nearest first."""
+        chain = [node]
+        cur = node
+        for _ in range(16):
+            ins = [a for a in cur.all_input_nodes if not isinstance(self.status.get(a), _Const)]
+            if len(ins) != 1:
+                break
+            cur = ins[0]
+            chain.append(cur)
+        return chain
+
+
+def _scope(node: torch.fx.Node) -> str:
+    """The module whose ``forward`` made ``node`` (a module call: the module that called it)."""
+    if node.op == "call_module":
+        return node.target.rpartition(".")[0]
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else ""
+
+
+def _fetch(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------- the pass
+
+
+class MergeBranches(Pass):
+    """Merge parallel conv / BatchNorm / identity / avg-pool / scale branches that meet at an add into one conv.
+
+    Runs on a model with or without its conv+BN pairs folded. See the module docstring for the
+    algebra and the refusals.
+    """
+
+    name = PASS_NAME
+
+    def __init__(self, *, example_inputs: Any = None) -> None:
+        self.example_inputs = example_inputs
+
+    def call(self, module: nn.Module) -> PassResult:
+        result = PassResult(module=module)
+        leaves, autowrap = _timm_notrace()
+        self._tracer_args = (leaves, autowrap)
+        self._input_channels = self._record_input_channels(module)
+        seen_skips: set[tuple[tuple[str, ...], str]] = set()
+        merged_blocks = 0
+        blocks = self._candidate_blocks(module)
+        for path in blocks:
+            try:
+                block = module.get_submodule(path) if path else module
+            except AttributeError:  # inside a block that a deeper merge already replaced
+                continue
+            try:
+                gm = torch.fx.GraphModule(block, _Tracer(*self._tracer_args).trace(block),
+                                          class_name=f"Merged{type(block).__name__}")
+            except Exception as exc:  # an untraceable block: its parent may still trace
+                log.debug("merge_branches: %s does not trace (%s)", path or "<model>", exc)
+                continue
+            changes, skips = self._merge_block(gm, path)
+            for paths, reason in skips:
+                # a parent block re-traces its children: report each refusal once, at the innermost block
+                if (paths[1:], reason) not in seen_skips:
+                    seen_skips.add((paths[1:], reason))
+                    result.skipped.append(Skip(PASS_NAME, paths, reason))
+            if not changes:
+                continue
+            merged_blocks += 1
+            gm.train(block.training)
+            result.changes.extend(changes)
+            if path:
+                set_submodule(module, path, gm)
+            else:
+                result.module = gm
+                module = gm
+        # a skip of a region inside a block that merged later at a parent is moot
+        merged = {p for c in result.changes for p in c.paths[1:]}
+        result.skipped = [s for s in result.skipped if not (set(s.paths[1:]) & merged)]
+        result.metrics["blocks_merged"] = merged_blocks
+        result.metrics["branches_merged"] = sum(c.details.get("branches", 0) for c in result.changes)
+        return result
+
+    def _candidate_blocks(self, module: nn.Module) -> list[str]:
+        """Paths of the modules to trace and merge in, innermost first.
+
+        One trace of the whole model finds the regions; each region's block is the innermost
+        module whose call holds all of its nodes (``nn_module_stack``). Tracing costs tens of
+        milliseconds of fixed overhead, so only those blocks are traced again. When the whole
+        model does not trace, every module that may hold a region is tried, children first.
+        """
+        try:
+            gm = torch.fx.GraphModule(module, _Tracer(*self._tracer_args).trace(module))
+        except Exception as exc:
+            log.debug("merge_branches: the model does not trace as a whole (%s); trying each module", exc)
+            # reversed pre-order visits every module after all of its descendants
+            return [p for p, m in reversed(list(module.named_modules())) if self._worth_tracing(m)]
+        analysis = _BlockAnalysis(gm, "")
+        found: set[str] = set()
+        for node, st in analysis.status.items():
+            if not isinstance(st, _Term) or not (st.merges or st.convs >= 2):
+                continue
+            scopes = [_scope(n) for n in set(st.nodes) | {node}]
+            parts = [p.split(".") if p else [] for p in scopes]
+            common = []
+            for level in zip(*parts):
+                if len(set(level)) != 1:
+                    break
+                common.append(level[0])
+            found.add(".".join(common))
+        found.update(_scope(n) for n in analysis.skip_nodes)  # traced again to report at the right block
+        return sorted(found, key=lambda p: (-(p.count(".") + 1) if p else 0, p))
+
+    def _worth_tracing(self, m: nn.Module) -> bool:
+        if not any(True for _ in m.children()):
+            return False
+        leaves = self._tracer_args[0]
+        if is_leaf_type(m) or is_batchnorm(m) or (leaves and isinstance(m, leaves)):
+            return False
+        linear = 0
+        for sub in m.modules():
+            if isinstance(sub, (nn.modules.conv._ConvNd, nn.modules.pooling._AvgPoolNd)) or is_batchnorm(sub):
+                linear += 1
+                if linear >= 2:
+                    return True
+        # one linear module can still merge with an identity or a scale (x + conv(x))
+        return linear >= 1
+
+    def _record_input_channels(self, module: nn.Module) -> dict[str, list[int | None]]:
+        """Channel count of each module's positional inputs in one forward of ``example_inputs``."""
+        if self.example_inputs is None:
+            return {}
+        seen: dict[str, list[int | None]] = {}
+        handles = []
+        for path, m in module.named_modules():
+            def hook(mod: nn.Module, args: tuple, path: str = path) -> None:
+                seen.setdefault(path, [a.shape[1] if isinstance(a, torch.Tensor) and a.dim() > 1 else None
+                                       for a in args])
+            handles.append(m.register_forward_pre_hook(hook))
+        inputs = self.example_inputs if isinstance(self.example_inputs, tuple) else (self.example_inputs,)
+        try:
+            with torch.no_grad():
+                module(*inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
+
+    def _channels(self, node: torch.fx.Node, modules: dict[str, nn.Module], path: str) -> int | None:
+        """The channel count of a region's input, when the graph or the example inputs tell it."""
+        for _ in range(32):
+            if node.op == "placeholder":
+                placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
+                recorded = self._input_channels.get(path, [])
+                i = placeholders.index(node)
+                return recorded[i] if i < len(recorded) else None
+            if node.op == "call_module":
+                m = modules[node.target]
+                if isinstance(m, nn.modules.conv._ConvNd):
+                    return m.out_channels
+                if is_batchnorm(m):
+                    return int(m.num_features)
+            ins = node.all_input_nodes
+            if len(ins) != 1:
+                return None
+            node = ins[0]
+        return None
+
+    def _merge_block(self, gm: torch.fx.GraphModule, path: str) -> tuple[list[Change], list[tuple[tuple[str, ...], str]]]:
+        analysis = _BlockAnalysis(gm, path)
+        skips = list(analysis.skips)
+        changes: list[Change] = []
+        tops = []
+        absorbed: set[torch.fx.Node] = set()
+        for node, st in analysis.status.items():
+            if isinstance(st, _Term):
+                absorbed.update(n for n in st.nodes if n is not node)
+        for node, st in analysis.status.items():
+            if isinstance(st, _Term) and node not in absorbed:
+                tops.append(node)
+        for node in tops:
+            self._materialize(gm, analysis, node, path, changes, skips)
+        if changes:
+            # parameters and constant ops that only the merged branches read
+            for n in reversed(list(gm.graph.nodes)):
+                if not n.users and n.op in ("get_attr", "call_method", "call_function") and \
+                        isinstance(analysis.status.get(n), _Const):
+                    gm.graph.erase_node(n)
+            gm.graph.lint()
+            gm.delete_all_unused_submodules()
+            gm.recompile()
+        return changes, skips
+
+    def _materialize(self, gm: torch.fx.GraphModule, analysis: _BlockAnalysis, node: torch.fx.Node, path: str,
+                     changes: list[Change], skips: list[tuple[tuple[str, ...], str]]) -> None:
+        t = analysis.status[node]
+        assert isinstance(t, _Term)
+        if not (t.merges or t.convs >= 2):
+            return
+        where = path or "<model>"
+
+        def fall_back(reason: str | None) -> None:
+            if reason:
+                skips.append(((where, *t.paths), reason))
+            for inner in t.inputs:
+                if inner is not node and isinstance(analysis.status.get(inner), _Term):
+                    self._materialize(gm, analysis, inner, path, changes, skips)
+
+        if t.uniform:
+            c = self._channels(t.root, analysis.modules, path)
+            if c is None:
+                return fall_back("the channel count of the branches' input is not known "
+                                 "(pass example_inputs)")
+            t = _with_channels(t, c)
+        if t.rank is None:
+            return fall_back("no op of the region fixes its spatial rank (a conv, 2d/3d BatchNorm or pool)")
+        if t.lo != t.hi:
+            return fall_back(f"the merged conv would need padding {t.lo} before and {t.hi} after")
+        # the merged conv must not cost more than what it replaces (a dense 1x1 after a depthwise kxk)
+        if t.conv_macs() > t.cost * (1 + 1e-9) + 1e-9:
+            return fall_back(None)
+        for user in t.root.users:
+            if user not in t.nodes and _is_inplace(user, analysis.modules):
+                return fall_back(f"{user.name} modifies the branches' input in place")
+        if t.dtype is None or not t.dtype.is_floating_point:
+            return fall_back("no floating-point parameter to take the dtype from")
+        w32 = t.weight.to(t.dtype)
+        if not torch.isfinite(w32).all() or not torch.isfinite(t.bias.to(t.dtype)).all():
+            return fall_back(f"the merged weights overflow {t.dtype}")
+        cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[t.rank]
+        conv = cls(t.cin, t.cout, t.kernel, stride=t.stride, padding=t.lo, dilation=t.dilation, groups=t.groups,
+                   bias=True, device=t.device, dtype=t.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(w32)
+            conv.bias.copy_(t.bias.to(t.dtype))
+        conv.weight.requires_grad_(t.requires_grad)
+        conv.bias.requires_grad_(t.requires_grad)
+        name = _free_name(gm, "merged_conv")
+        gm.add_module(name, conv)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (t.root,))
+        node.replace_all_uses_with(new)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for n in sorted(set(t.nodes), key=order.__getitem__, reverse=True):
+            if not n.users:
+                gm.graph.erase_node(n)
+        kernel = "x".join(map(str, t.kernel))
+        what = f"merged {t.branches} branches of {where}" if t.merges else f"composed the conv chain of {where}"
+        module_paths = tuple(sorted(set(t.paths), key=t.paths.index))
+        changes.append(Change(
+            PASS_NAME, "merge_branches", (where, *module_paths),
+            f"{what} ({', '.join(module_paths)}) into one {kernel} conv (groups={t.groups}, "
+            f"stride={tuple(t.stride)}) at {where + '.' if path else ''}{name}",
+            details={"block": where, "conv": name, "kernel": t.kernel, "groups": t.groups, "stride": t.stride,
+                     "branches": t.branches}))
+
+
+def _free_name(gm: nn.Module, base: str) -> str:
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def merge_branches(model: nn.Module, *, inplace: bool = False, example_inputs: Any = None) -> PassResult:
+    """Merge the parallel linear branches of re-parameterizable blocks into one conv each.
+
+    Where several branches read the same tensor and meet at an add (chains of adds, ``sum`` of a
+    list, a subtraction, a per-channel scale of the sum included), each branch a conv (+BatchNorm),
+    a BatchNorm alone (identity), an avg-pool or a per-channel scale, the branches become one conv:
+    kernels zero-padded to the covering kernel, the identity as a one-hot kernel, the avg-pool as a
+    uniform kernel, the scale as a diagonal kernel, summed in float64 (see the module docstring).
+    A pointwise conv followed by a kxk conv becomes one kxk conv where that is exact and no
+    costlier. Run it on an eval-mode model, after :func:`normfold.fold_batchnorm` or on its own.
+
+    ``example_inputs`` is only needed where no op tells the channel count of a region's input
+    (an identity plus an avg-pool, nothing else). Returns a :class:`PassResult` whose ``changes``
+    name each merged block and its merged modules and whose ``skipped`` give the reason for every
+    branch set left alone.
+    """
+    return MergeBranches(example_inputs=example_inputs)(model, inplace=inplace)
