@@ -12,6 +12,7 @@ from normfold.passes.layernorm_to_rmsnorm import RMSNormWithBias, layernorm_to_r
 from normfold.recalibrate import LayerShift, RecalibrationResult, recalibrate
 from normfold.export import ExportResult, export_onnx
 from normfold.check import CheckReport
+from normfold.verify import Verification, verify
 from normfold.io import load
 from normfold import check  # the package, callable as the checker: nf.check(reference, ...)
 
@@ -42,6 +43,8 @@ __all__ = [
     "ExportResult",
     "check",
     "CheckReport",
+    "verify",
+    "Verification",
     "load",
     "__version__",
 ]

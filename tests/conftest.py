@@ -125,9 +125,10 @@ def output_error(a: Any, b: Any) -> tuple[float, float]:
 
 
 def assert_outputs_close(actual: Any, reference: Any, tol: Tolerance | None = None, *, what: str = "") -> None:
-    """Assert ``|actual - reference| <= atol + rtol * max|reference|`` for every output tensor.
+    """Assert ``|actual - reference| <= atol + (rtol + scaled) * max|reference|`` for every output tensor.
 
-    ``tol`` defaults to :func:`normfold.tolerances.for_dtype` of the reference's dtype.
+    ``tol`` defaults to :func:`normfold.tolerances.policy` of the reference's dtype (the one rule of
+    :func:`normfold.verify`: ``scaled * max|reference|``).
     Every value must be finite where the reference is (a fold that produces
     inf/NaN fails even if the reference is large).
     """
@@ -139,9 +140,9 @@ def assert_outputs_close(actual: Any, reference: Any, tol: Tolerance | None = No
         assert torch.equal(torch.isfinite(x), torch.isfinite(y)), f"{what}: non-finite values differ"
     abs_err, _ = output_error(ta, tb)
     scale = max((y.double().abs().max().item() for y in tb if y.is_floating_point() and y.numel()), default=0.0)
-    bound = tol.atol + tol.rtol * scale
+    bound = tol.atol + (tol.rtol + tol.scaled) * scale
     assert abs_err <= bound, (f"{what}: max abs error {abs_err:.3g} > {bound:.3g} "
-                              f"(atol {tol.atol:g} + rtol {tol.rtol:g} * max|ref| {scale:.3g})")
+                              f"({tol.describe(scale)})")
 
 
 def assert_models_close(actual: nn.Module, reference: nn.Module, inputs: Sequence[Any],

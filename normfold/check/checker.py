@@ -44,7 +44,7 @@ from normfold.check.report import FAILED, PASSED, SKIPPED, CheckReport, CheckRes
 from normfold.check.runtime import OrtRuntime, create_session, resolve_providers, short_provider
 from normfold.errors import ExportError, InputError, ModelLoadError, UsageError
 from normfold.inputs import INPUT_MEAN, INPUT_STD, infer_input_shapes, model_dtype_device, random_inputs
-from normfold.tolerances import LOCALIZE, CheckTolerance, Tolerance, check_tolerance
+from normfold.tolerances import LOCALIZE, Tolerance, policy, resolve_tolerance
 
 __all__ = ["check"]
 
@@ -100,13 +100,14 @@ def _run_eager(model: nn.Module, inputs: Sequence[Any]) -> dict[str, torch.Tenso
 
 
 def _summarize(comparisons: Sequence[OutputComparison], against: str) -> str:
+    """``2 output(s) match the original: max |a - b| 3.1e-06 <= 2e-05 x scale 4.87 (margin 6.4x)``."""
     bad = [c for c in comparisons if not c.passed]
-    worst = max(comparisons, key=lambda c: (c.max_abs if c.max_abs == c.max_abs else float("inf")), default=None)
     if not bad:
+        worst = min(comparisons, key=lambda c: c.margin, default=None)
         if worst is None:
             return "no outputs to compare"
-        return (f"{len(comparisons)} output(s) match {against}: max abs error {worst.max_abs:.3g}, "
-                f"max rel error {max(c.max_rel for c in comparisons):.3g}")
+        name = f"{worst.name}: " if len(comparisons) > 1 else ""
+        return f"{len(comparisons)} output(s) match {against}: {name}{worst.verdict()}"
     first = bad[0]
     return f"{len(bad)} of {len(comparisons)} output(s) differ from {against}: {first.name}: {first.problem}"
 
@@ -162,9 +163,10 @@ def check(reference: nn.Module, *, candidate: nn.Module | None = None, onnx: Any
     atol, rtol, scale_tol:
         Pass when ``|a - b| <= atol + rtol * |ref| + scale_tol * max|ref|``
         elementwise (``max|ref|`` over the whole output). When none is given:
-        :func:`normfold.tolerances.check_tolerance` for the reference's dtype
-        (a ``scale_tol`` chosen from measurements); when any is given, the
-        others are 0.
+        normfold's one policy (:data:`normfold.tolerances.POLICY`, the rule of
+        :func:`normfold.verify`), for each output the measured ``scale_tol`` of
+        its comparison dtype (the lower precision of the two sides); when any
+        is given, the others are 0.
     probes:
         Run batch independence, training-mode, batch-dimension and norm-op checks.
     batch_sizes:
@@ -195,14 +197,10 @@ def check(reference: nn.Module, *, candidate: nn.Module | None = None, onnx: Any
     ref = _eval_copy(reference)
     x, input_source = _resolve_inputs(ref, inputs, input_shapes, seed)
     dtype, _ = model_dtype_device(ref)
-    if atol is None and rtol is None and scale_tol is None:
-        tol = check_tolerance(dtype)
-    else:
-        # explicit tolerances replace the default rule; the parts not given are 0
-        tol = CheckTolerance(atol=float(atol or 0.0), rtol=float(rtol or 0.0), scaled=float(scale_tol or 0.0))
-    for label, value in (("atol", tol.atol), ("rtol", tol.rtol), ("scale_tol", tol.scaled)):
-        if value < 0 or value != value:
-            raise UsageError(f"{label} {value} must be >= 0")
+    # None: every output is held to the policy of its comparison dtype (normfold.verify's one rule); numbers given
+    # replace it. ``tol`` is what the report states: the explicit rule, or the policy of the reference's dtype.
+    explicit = resolve_tolerance(atol=atol, rtol=rtol, scale_tol=scale_tol)
+    tol = explicit if explicit is not None else policy(dtype)
 
     checks: list[CheckResult] = []
     stages: list[StageInfo] = []
@@ -241,7 +239,7 @@ def check(reference: nn.Module, *, candidate: nn.Module | None = None, onnx: Any
             checks.append(CheckResult("outputs[candidate]", FAILED, f"the candidate's forward raised {err}", secs))
             cand_failed = True
         else:
-            cs = compare_flat(ref_out, cand_out, tol)
+            cs = compare_flat(ref_out, cand_out, explicit)
             cand_failed = not all(c.passed for c in cs)
             checks.append(CheckResult("outputs[candidate]", FAILED if cand_failed else PASSED,
                                       _summarize(cs, "the original"), secs, comparisons=cs))
@@ -265,7 +263,7 @@ def check(reference: nn.Module, *, candidate: nn.Module | None = None, onnx: Any
                                       "forced to eval", 0.0, findings=note))
         say("batch independence (eager)")
         t0 = time.perf_counter()
-        probe = batch_independence(lambda feed: _run_eager(eager_model, feed), x, seed=seed, tol=tol,
+        probe = batch_independence(lambda feed: _run_eager(eager_model, feed), x, seed=seed, tol=explicit,
                                    batch_sizes=sizes, known=cand_out if cand_model is not None else ref_out)
         checks.append(_batch_check("batch_independence[eager]", probe, time.perf_counter() - t0, sizes))
 
@@ -298,6 +296,10 @@ def check(reference: nn.Module, *, candidate: nn.Module | None = None, onnx: Any
             try:
                 res = export_onnx(exported_from, x, path, opset=opset)
             except ExportError as exc:
+                from normfold.pipeline import interrupted_by
+
+                if interrupted_by(exc):  # Ctrl-C is the user stopping the check, not a failed export
+                    raise KeyboardInterrupt from exc
                 checks.append(CheckResult("export", FAILED, str(exc), time.perf_counter() - t0))
                 onnx_skip_reason = "the export failed"
             else:
@@ -322,7 +324,7 @@ def check(reference: nn.Module, *, candidate: nn.Module | None = None, onnx: Any
             say("starting onnxruntime")
             t0 = time.perf_counter()
             try:
-                runtime = create_session(src, requested, threads=threads)
+                runtime = create_session(src, requested, threads=threads, require=require_provider)
             except ModelLoadError as exc:
                 if onnx is not None and isinstance(onnx, (str, os.PathLike)) and not Path(onnx).exists():
                     raise
@@ -346,19 +348,19 @@ def check(reference: nn.Module, *, candidate: nn.Module | None = None, onnx: Any
                                               secs))
                     onnx_failed = True
                 else:
-                    cs = compare_flat(ref_out, onnx_out, tol)
+                    cs = compare_flat(ref_out, onnx_out, explicit)
                     onnx_failed = not all(c.passed for c in cs)
                     details: dict[str, Any] = {}
                     msg = _summarize(cs, "the original")
                     if cand_out is not None:
-                        vs_cand = compare_flat(cand_out, onnx_out, tol)
+                        vs_cand = compare_flat(cand_out, onnx_out, explicit)
                         details["vs_candidate"] = [c.to_dict() for c in vs_cand]
                         same = all(c.passed for c in vs_cand)
                         msg += "; " + ("matches the candidate" if same else "differs from the candidate too")
                     checks.append(CheckResult("outputs[onnx]", FAILED if onnx_failed else PASSED, msg, secs,
                                               comparisons=cs, details=details))
             if probes:
-                _onnx_probes(checks, proto, runtime, x, seed, tol, sizes, candidate, say, onnx_out)
+                _onnx_probes(checks, proto, runtime, x, seed, explicit, sizes, candidate, say, onnx_out)
         else:
             reason = onnx_skip_reason or "no ONNX model"
             stages.append(StageInfo("onnx", reason, False))
@@ -442,7 +444,7 @@ def _load_graph(path: Path | str | None) -> Any:
 
 
 def _onnx_probes(checks: list[CheckResult], proto: Any, runtime: OrtRuntime | None, x: Sequence[torch.Tensor],
-                 seed: int, tol: Tolerance, sizes: Sequence[int], candidate: nn.Module | None,
+                 seed: int, tol: Tolerance | None, sizes: Sequence[int], candidate: nn.Module | None,
                  say: Callable[[str], None], known: Mapping[str, torch.Tensor] | None) -> None:
     t0 = time.perf_counter()
     checks.append(_findings_check("training_mode[onnx]", onnx_training_findings(proto),
@@ -489,8 +491,9 @@ def _localize(blamed: str, ref: nn.Module, cand_model: nn.Module | None, exporte
         if any(init.data_location == 1 for init in proto.graph.initializer):
             # the weights live in a data file beside the model: a copy with extra outputs would have to rewrite it
             return loc.Divergence("", "", float("nan"), float("nan"), 0,
-                                  note="the model keeps its weights as external data (over 2 GB): layer-by-layer "
-                                       "comparison is not done for such models")
+                                  note="the model keeps its weights in an external data file (the exporter's default "
+                                       "for large models, and some tools' for any size): layer-by-layer comparison "
+                                       "is not done for such models")
         onnx_vals = loc.onnx_record(proto, rows, calls, providers, threads)
         if not onnx_vals:
             return loc.Divergence("", "", float("nan"), float("nan"), 0,

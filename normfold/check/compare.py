@@ -4,12 +4,15 @@ Outputs may be a tensor, or any nesting of tuples, lists, dicts, namedtuples
 and Hugging Face ``ModelOutput``s; they are flattened to ``name -> tensor`` in
 a stable order (``out``, ``out.0``, ``out.logits`` ...). For each output the
 comparison records shapes, dtypes, max/mean absolute and relative error,
-NaN/Inf counts, and the tolerance that would have passed (the smallest
-``atol`` at the given ``rtol``, the smallest ``rtol`` at the given ``atol``,
-and ``scaled_error``, the smallest scale-relative tolerance), so a failure
-tells the user how far off it is. ``tol`` is a
-:class:`~normfold.tolerances.Tolerance` (``torch.allclose`` semantics) or a
-:class:`~normfold.tolerances.CheckTolerance`, which adds ``scaled * max|ref|``.
+NaN/Inf counts, the rule it was judged by and its margin (how many times
+the error fits into the allowed bound), and the tolerance that would have
+passed (the smallest ``atol`` at the given ``rtol``, the smallest ``rtol`` at
+the given ``atol``, and ``scaled_error``, the smallest scale-relative
+tolerance), so a failure tells the user how far off it is. ``tol`` is a
+:class:`~normfold.tolerances.Tolerance` (``|a - b| <= atol + rtol * |ref| +
+scaled * max|ref|``), or ``None``: normfold's policy
+(:data:`normfold.tolerances.POLICY`) for each output's comparison dtype,
+the lower precision of the two sides.
 
 Relative error is ``|a - b| / max(|b|, floor)`` with ``floor`` a small
 fraction of the reference's scale, so near-zero reference values do not
@@ -25,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from normfold.tolerances import Tolerance
+from normfold.tolerances import Tolerance, comparison_dtype, policy
 
 __all__ = ["OutputComparison", "flatten_outputs", "compare_outputs", "compare_flat", "max_errors",
            "name_outputs"]
@@ -54,6 +57,11 @@ class OutputComparison:
     rtol_needed: float = float("nan")
     scale: float = float("nan")
     scaled_error: float = float("nan")
+    scaled: float = 0.0
+    dtype: str = ""
+    limit: float = float("nan")
+    margin: float = float("nan")
+    rule: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -72,10 +80,23 @@ class OutputComparison:
                 kw[f.name] = float(kw[f.name])  # JSON writes NaN/Infinity as strings
         return cls(**kw)
 
+    def verdict(self) -> str:
+        """The error against the rule and the margin: ``max |a - b| 3.1e-06 <= 2e-05 x scale 4.87 (margin 31x)``.
+
+        ``margin`` is the allowed bound over the error (at the element where that
+        ratio is smallest): above 1 passes, below 1 fails.
+        """
+        if self.problem is not None and not (self.max_abs == self.max_abs):
+            return self.problem
+        op = "<=" if self.margin >= 1 else ">"
+        margin = "inf" if self.margin == float("inf") else f"{self.margin:.3g}x"
+        rule = self.rule.replace("|a - b| <= ", "") or "0"
+        return f"max |a - b| {self.max_abs:.3g} {op} {rule} (margin {margin})"
+
     def summary(self) -> str:
-        """One line: ok, or what is wrong and by how much."""
+        """One line: the verdict, or what is wrong and by how much."""
         if self.passed:
-            return f"{self.name}: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}"
+            return f"{self.name}: {self.verdict()}"
         return f"{self.name}: {self.problem}"
 
 
@@ -119,10 +140,14 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
-def _compare_tensor(name: str, ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance) -> OutputComparison:
+def _compare_tensor(name: str, ref: torch.Tensor, cand: torch.Tensor, tol: Tolerance | None) -> OutputComparison:
+    dtype = comparison_dtype(ref.dtype, cand.dtype)
+    if tol is None:
+        tol = policy(dtype)
     c = OutputComparison(name=name, passed=False, reference_shape=tuple(ref.shape), candidate_shape=tuple(cand.shape),
                          reference_dtype=_dtype_name(ref), candidate_dtype=_dtype_name(cand),
-                         atol=tol.atol, rtol=tol.rtol)
+                         atol=tol.atol, rtol=tol.rtol, scaled=tol.scaled, dtype=str(dtype).replace("torch.", ""),
+                         rule=tol.describe())
     if tuple(ref.shape) != tuple(cand.shape):
         c.problem = f"shape {tuple(cand.shape)} != reference {tuple(ref.shape)}"
         return c
@@ -136,7 +161,8 @@ def _compare_tensor(name: str, ref: torch.Tensor, cand: torch.Tensor, tol: Toler
     ref_bad = int((~torch.isfinite(r)).sum())
     if r.numel() == 0:
         c.max_abs = c.mean_abs = c.max_rel = c.mean_rel = c.atol_needed = c.rtol_needed = 0.0
-        c.scale = c.scaled_error = 0.0
+        c.scale = c.scaled_error = c.limit = 0.0
+        c.margin = float("inf")
         c.passed = True
         return c
     diff = (a - r).abs()
@@ -149,6 +175,7 @@ def _compare_tensor(name: str, ref: torch.Tensor, cand: torch.Tensor, tol: Toler
     abs_r = r.abs().nan_to_num(posinf=0.0, neginf=0.0)
     rel = diff / torch.clamp(abs_r, min=floor)
     c.scale = float(scale)
+    c.rule = tol.describe(scale)
     c.max_abs = float(diff.max())
     c.mean_abs = float(diff.mean())
     c.max_rel = float(rel.max())
@@ -163,38 +190,41 @@ def _compare_tensor(name: str, ref: torch.Tensor, cand: torch.Tensor, tol: Toler
         if c.nan_count + c.inf_count > ref_bad or not bool(same_nonfinite.sum() >= c.nan_count + c.inf_count):
             c.problem = f"{c.nan_count} NaN and {c.inf_count} Inf values (reference has {ref_bad})"
             return c
-    scaled_tol = float(getattr(tol, "scaled", 0.0))
-    bound = tol.atol + scaled_tol * scale + tol.rtol * abs_r
-    ok = bool((diff <= bound).all()) if torch.isfinite(diff).all() else False
+    bound = tol.atol + tol.scaled * scale + tol.rtol * abs_r
+    c.limit = float(tol.atol + tol.scaled * scale)
+    finite = bool(torch.isfinite(diff).all())
+    # the margin is taken where the error is closest to its bound; an element with no error has infinite margin
+    ratio = torch.where(diff > 0, bound / torch.where(diff > 0, diff, torch.ones_like(diff)),
+                        torch.full_like(diff, float("inf")))
+    c.margin = float(ratio.min()) if finite else 0.0
+    ok = bool((diff <= bound).all()) if finite else False
     c.passed = ok
     if not ok:
-        rule = tol.describe() if hasattr(tol, "describe") else f"|a - b| <= {tol.atol:g} + {tol.rtol:g} * |ref|"
-        c.problem = (f"max abs error {c.max_abs:.3g} ({c.scaled_error:.2g} of the output's scale {scale:.3g}) "
-                     f"breaks {rule}")
+        c.problem = (f"{c.verdict()}: the error is {c.scaled_error:.2g} of the output's scale {scale:.3g}")
     return c
 
 
 def compare_flat(reference: Mapping[str, torch.Tensor], candidate: Mapping[str, torch.Tensor],
-                 tol: Tolerance) -> list[OutputComparison]:
-    """Compare two already flattened ``name -> tensor`` outputs under ``tol``."""
+                 tol: Tolerance | None = None) -> list[OutputComparison]:
+    """Compare two already flattened ``name -> tensor`` outputs under ``tol`` (``None``: the policy, per output)."""
     results: list[OutputComparison] = []
     for name, r in reference.items():
         if name not in candidate:
             results.append(OutputComparison(name=name, passed=False, reference_shape=tuple(r.shape), candidate_shape=(),
                                             reference_dtype=_dtype_name(r), candidate_dtype="missing",
-                                            atol=tol.atol, rtol=tol.rtol, problem="output missing from the candidate"))
+                                            problem="output missing from the candidate"))
             continue
         results.append(_compare_tensor(name, r, candidate[name], tol))
     for name, t in candidate.items():
         if name not in reference:
             results.append(OutputComparison(name=name, passed=False, reference_shape=(), candidate_shape=tuple(t.shape),
                                             reference_dtype="missing", candidate_dtype=_dtype_name(t),
-                                            atol=tol.atol, rtol=tol.rtol, problem="output not in the reference"))
+                                            problem="output not in the reference"))
     return results
 
 
-def compare_outputs(reference: Any, candidate: Any, tol: Tolerance) -> list[OutputComparison]:
-    """Compare every output of ``candidate`` with ``reference`` under ``tol``."""
+def compare_outputs(reference: Any, candidate: Any, tol: Tolerance | None = None) -> list[OutputComparison]:
+    """Compare every output of ``candidate`` with ``reference`` under ``tol`` (``None``: the policy, per output)."""
     return compare_flat(flatten_outputs(reference), flatten_outputs(candidate), tol)
 
 

@@ -346,7 +346,7 @@ def _mates(sample: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def batch_independence(run: Callable[[tuple], Mapping[str, torch.Tensor]], inputs: Sequence[Any], *, seed: int,
-                       tol: Tolerance, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+                       tol: Tolerance | None, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
                        known: Mapping[str, torch.Tensor] | None = None) -> BatchIndependence:
     """Run sample 0 of ``inputs`` alone and among seeded batch-mates; its outputs must not change.
 
@@ -355,6 +355,7 @@ def batch_independence(run: Callable[[tuple], Mapping[str, torch.Tensor]], input
     computed: when their batch is one of ``batch_sizes``, that run stands for
     it (sample 0 among the real batch-mates), which saves a forward pass.
     Outputs whose first dimension is not the batch are not compared (noted).
+    ``tol=None`` holds each output to the policy of its dtype (:data:`normfold.tolerances.POLICY`).
     """
     sizes = sorted({int(b) for b in batch_sizes if int(b) >= 1})
     res = BatchIndependence(passed=True, batch_sizes=sizes)

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from normfold.check.compare import OutputComparison
 from normfold.check.localize import Divergence
 from normfold.check.probes import BatchIndependence, Finding
-from normfold.tolerances import CheckTolerance
+from normfold.tolerances import Tolerance
 
 __all__ = ["CheckResult", "StageInfo", "CheckReport", "PASSED", "FAILED", "SKIPPED"]
 
@@ -165,9 +165,9 @@ class CheckReport:
         return (f"FAILED: {len(failed)} of {n} check(s) failed: {', '.join(c.name for c in failed)}{where}{layer}; "
                 f"seed {self.seed}; {prov}")
 
-    def tolerance(self) -> CheckTolerance:
+    def tolerance(self) -> Tolerance:
         """The tolerance every output comparison used."""
-        return CheckTolerance(atol=self.atol, rtol=self.rtol, scaled=self.scale_tol)
+        return Tolerance(atol=self.atol, rtol=self.rtol, scaled=self.scale_tol)
 
     def max_abs_error(self) -> float:
         vals = [c.max_abs for r in self.checks if r.group == "outputs" for c in r.comparisons if c.max_abs == c.max_abs]

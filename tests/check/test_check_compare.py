@@ -11,18 +11,19 @@ import torch
 from normfold.check.compare import compare_flat, compare_outputs, flatten_outputs, name_outputs
 from normfold.check.inputs import load_inputs
 from normfold.errors import InputError, UsageError
-from normfold.tolerances import CheckTolerance, Tolerance, check_tolerance
+from normfold.tolerances import Tolerance, policy
 
 
 def test_scaled_tolerance_fits_any_output_magnitude() -> None:
-    tol = CheckTolerance(atol=0.0, rtol=0.0, scaled=1e-5)
+    tol = Tolerance(atol=0.0, rtol=0.0, scaled=1e-5)
     for scale in (1e-3, 1.0, 1e4):
         ref = torch.linspace(-1, 1, 101) * scale
         ok = compare_outputs(ref, ref + 0.5e-5 * scale, tol)[0]
         bad = compare_outputs(ref, ref + 2e-5 * scale, tol)[0]
         assert ok.passed and not bad.passed
         assert math.isclose(bad.scaled_error, 2e-5, rel_tol=1e-2) and math.isclose(bad.scale, scale, rel_tol=1e-5)
-        assert "breaks |a - b| <= 1e-05 * max|ref|" in bad.problem
+        assert f"> 1e-05 x scale {scale:.3g} (margin " in bad.problem and 0.49 < bad.margin < 0.51, bad.problem
+        assert ok.margin > 1.9 and ok.verdict().startswith("max |a - b| ") and "<= 1e-05 x scale" in ok.verdict()
 
 
 def test_allclose_semantics_and_the_tolerance_that_would_have_passed() -> None:
@@ -39,7 +40,7 @@ def test_allclose_semantics_and_the_tolerance_that_would_have_passed() -> None:
 
 
 def test_nan_inf_shape_dtype_and_missing_outputs() -> None:
-    tol = check_tolerance(torch.float32)
+    tol = policy(torch.float32)
     ref = torch.ones(4)
     c = compare_outputs(ref, torch.tensor([1.0, float("nan"), float("inf"), 1.0]), tol)[0]
     assert not c.passed and c.nan_count == 1 and c.inf_count == 1 and "NaN" in c.problem
@@ -58,7 +59,7 @@ def test_flatten_and_name_outputs() -> None:
     assert list(flat) == ["out.logits", "out.aux.0"]
     named = name_outputs(list(flat), [torch.ones(2), torch.zeros(1), torch.ones(3)])
     assert list(named) == ["out.logits", "out.aux.0", "onnx.2"]
-    assert all(c.passed for c in compare_flat(flat, dict(list(named.items())[:2]), check_tolerance(torch.float32)))
+    assert all(c.passed for c in compare_flat(flat, dict(list(named.items())[:2]), policy(torch.float32)))
 
 
 def test_load_inputs_from_files(tmp_path) -> None:
@@ -94,7 +95,7 @@ def test_explicit_tolerances_replace_the_default_rule() -> None:
     with torch.no_grad():
         cand.fc.bias += 1e-3  # off by 1e-3 absolute: fails the default 2e-5 of the scale
     strict = nf.check(m, candidate=cand, inputs=x, export=False, probes=False)
-    assert not strict.passed and strict.scale_tol == check_tolerance(torch.float32).scaled
+    assert not strict.passed and strict.scale_tol == policy(torch.float32).scaled
     loose = nf.check(m, candidate=cand, inputs=x, export=False, probes=False, atol=2e-3)
     assert loose.passed and (loose.atol, loose.rtol, loose.scale_tol) == (2e-3, 0.0, 0.0)
     assert "|a - b| <= 0.002" in loose.to_text()

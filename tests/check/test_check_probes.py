@@ -10,9 +10,9 @@ from torch import nn
 
 from normfold.check.probes import (batch_dim_findings, batch_independence, node_scope, norm_op_lint,
                                    onnx_training_findings, training_modules)
-from normfold.tolerances import check_tolerance
+from normfold.tolerances import policy
 
-TOL = check_tolerance(torch.float32)
+TOL = policy(torch.float32)
 
 
 def _model(nodes, inits=(), opset=18, batch="N", inputs=("x",)):
