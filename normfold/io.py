@@ -459,12 +459,17 @@ def _load_hf_dir(p: Path) -> LoadedModel:
                              "re-save the model with save_pretrained")
     major = int(transformers.__version__.split(".")[0])
     dtype_kw = {"dtype": "auto"} if major >= 5 else {"torch_dtype": "auto"}
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # library code prints nothing, transformers' bars included
     try:
         model = cls.from_pretrained(str(p), local_files_only=True, **dtype_kw)
     except Exception as exc:
         head = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise ModelLoadError(f"{p}: {name}.from_pretrained failed ({type(exc).__name__}: {head}); check that the "
                              "folder is complete") from exc
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     return LoadedModel(module=model, path=p, kind="hf", hf_class=name)
 
 

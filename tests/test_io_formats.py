@@ -1,0 +1,403 @@
+"""Model files in and out (normfold.io, normfold.recipe): every input route, safe outputs, round trips by outputs.
+
+A round trip writes a rewritten model and reads it back with ``nf.load`` (no
+unpickling): the reloaded model must compute what the rewritten one computes
+(same weights, same ops: equal up to the rounding of a different kernel
+choice, since freshly loaded tensors may sit at other alignments), and the
+rewritten one what the original computes (the passes' own tolerance).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import normfold as nf
+from normfold.errors import ModelLoadError, UsageError
+from normfold.io import default_output_path, load_model, parse_arch, save_model
+from normfold.recipe import RecipeError
+from tests.commands._cli import run_cli
+from tests.conftest import randomize_bn_stats, run_eval
+
+R18 = "torchvision.models:resnet18(num_classes=10)"
+DEMO = "normfold.demo:build_demo_model(seed=3)"
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _same(a: nn.Module, b: nn.Module, inputs: tuple = (X,)) -> None:
+    """The file held exactly the rewritten model: outputs equal up to kernel rounding (a few float32 ulps)."""
+    xs, ys = _flat(run_eval(a, inputs)), _flat(run_eval(b, inputs))
+    assert len(xs) == len(ys) and xs
+    for x, y in zip(xs, ys):
+        torch.testing.assert_close(x, y, atol=4 * torch.finfo(y.dtype).eps * float(y.abs().max()), rtol=0)
+
+
+def assert_models_close(a: nn.Module, b: nn.Module, inputs: tuple) -> None:
+    """An exact rewrite's outputs: float32 rounding only (what the passes' own tests hold them to)."""
+    for x, y in zip(_flat(run_eval(a, inputs)), _flat(run_eval(b, inputs))):
+        torch.testing.assert_close(x, y, atol=1e-4 * float(y.abs().max()), rtol=0)
+
+
+def _flat(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        out = list(out.values())
+    return [t for o in out for t in _flat(o)]
+
+
+@pytest.fixture(scope="module")
+def r18(tmp_path_factory) -> tuple[Path, nn.Module]:
+    """resnet18(num_classes=10) with random BatchNorm statistics, as a .safetensors state_dict."""
+    from safetensors.torch import save_file
+    import torchvision
+
+    torch.manual_seed(0)
+    model = randomize_bn_stats(torchvision.models.resnet18(num_classes=10)).eval()
+    path = tmp_path_factory.mktemp("r18") / "r18.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def r18_folded(r18) -> tuple:
+    """(file, original, LoadedModel, folded model): folded once for the tests that write it."""
+    path, original = r18
+    loaded = load_model(path, arch=R18)
+    return path, original, loaded, nf.fold_batchnorm(loaded.module.eval(), example_inputs=(X,)).module
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, nn.Module]:
+    """normfold's demo net (every fold pattern, small) as a .pt state_dict, built by a factory with arguments."""
+    from normfold.demo import build_demo_model
+
+    model = build_demo_model(seed=3).eval()
+    path = tmp_path_factory.mktemp("demo") / "demo.pt"
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+def _is_safetensors(path: Path) -> dict:
+    """The safetensors header (8-byte length + JSON): proves the file is not a pickle."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n])
+
+
+REWRITES = {
+    "fold": lambda m: nf.fold_batchnorm(m, example_inputs=(X,)).module,
+    "frozen": lambda m: nf.freeze_batchnorm(m).module,
+    "groupnorm": lambda m: nf.batchnorm_to_groupnorm(m).module,
+    "syncbn": lambda m: nf.to_syncbn(m).module,
+}
+
+
+def test_resnet18_fold_round_trip(r18_folded, tmp_path: Path) -> None:
+    path, original, loaded, folded = r18_folded
+    assert loaded.kind == "state_dict" and not loaded.recipe
+    out = save_model(folded, default_output_path(loaded, "folded"), source=loaded)
+    assert out.name == "r18.folded.safetensors"
+    recipe = json.loads(_is_safetensors(out)["__metadata__"]["normfold_recipe"])
+    assert recipe["base"] == {"arch": R18}
+    assert {e["op"] for e in recipe["edits"]} == {"replace", "patch"}, "BN -> Identity, conv gained a bias"
+    again = nf.load(out, arch=R18)
+    assert [type(m) for m in again.modules()] == [type(m) for m in folded.modules()]
+    _same(again, folded)
+    assert_models_close(again, original, (X,))
+    out.unlink()
+
+
+@pytest.mark.parametrize("rewrite", sorted(REWRITES))
+def test_every_rewrite_round_trips(rewrite: str, demo, tmp_path: Path) -> None:
+    path, original = demo
+    loaded = load_model(path, arch=DEMO)
+    _same(loaded.module.eval(), original)
+    rewritten = REWRITES[rewrite](loaded.module.eval())
+    out = save_model(rewritten, tmp_path / f"demo.{rewrite}.safetensors", source=loaded)
+    assert json.loads(_is_safetensors(out)["__metadata__"]["normfold_recipe"])["edits"], "edits recorded"
+    again = nf.load(out, arch=DEMO)
+    assert [type(m) for m in again.modules()] == [type(m) for m in rewritten.modules()]
+    _same(again, rewritten)
+    if rewrite != "groupnorm":  # exact rewrites: the reloaded model is the original model
+        assert_models_close(again, original, (X,))
+    assert load_model(out, arch=DEMO).recipe  # what check --candidate reads, with the same --arch
+
+
+def test_pt_output_loads_with_weights_only(r18_folded, tmp_path: Path) -> None:
+    path, original, loaded, folded = r18_folded
+    out = save_model(folded, tmp_path / "r18.folded.pt", source=loaded)
+    obj = torch.load(out, weights_only=True)  # no code runs: tensors and a JSON string
+    assert set(obj) == {"state_dict", "normfold_recipe"}
+    _same(nf.load(out, arch=R18), folded)
+
+
+def test_pickle_only_on_request(demo, tmp_path: Path) -> None:
+    path, _ = demo
+    loaded = load_model(path, arch=DEMO)
+    out = save_model(loaded.module, tmp_path / "whole.pt", source=loaded, pickle=True)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(out, weights_only=True)
+    with pytest.raises(ModelLoadError, match="--trust"):
+        load_model(out)
+    _same(load_model(out, trust=True).module, loaded.module)
+    assert default_output_path(loaded, "folded", pickle=True).suffix == ".pt"
+    assert default_output_path(loaded, "folded").name == "demo.folded.safetensors"
+
+
+def test_fp16_state_dict_keeps_its_dtype(demo, tmp_path: Path) -> None:
+    _, original = demo
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in original.state_dict().items()}
+    src = tmp_path / "half.pt"
+    torch.save(half, src)
+    loaded = load_model(src, arch=DEMO)
+    assert {p.dtype for p in loaded.module.parameters()} == {torch.float16}
+    frozen = nf.freeze_batchnorm(loaded.module.eval()).module
+    out = save_model(frozen, default_output_path(loaded, "frozen"), source=loaded)
+    assert out.name == "half.frozen.safetensors"
+    assert {v["dtype"] for v in _is_safetensors(out).values() if isinstance(v, dict) and "dtype" in v} <= {"F16", "I64"}
+    again = nf.load(out, arch=DEMO)
+    assert {p.dtype for p in again.parameters()} == {torch.float16}
+    _same(again, frozen, (X.half(),))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_outputs_get_the_umask_permissions(mask: int, demo, tmp_path: Path) -> None:
+    path, _ = demo
+    loaded = load_model(path, arch=DEMO)
+    old = os.umask(mask)
+    try:
+        out = save_model(loaded.module, tmp_path / "copy.safetensors", source=loaded)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["copy.safetensors"], "temporary file left behind"
+
+
+def _tiny_bert(path: Path):
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def test_hugging_face_folder_in_and_out(tmp_path: Path) -> None:
+    original = _tiny_bert(tmp_path / "bert")
+    ids = (torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1)),)
+    loaded = load_model(tmp_path / "bert")
+    assert loaded.kind == "hf" and loaded.hf_class == "BertForMaskedLM"
+    _same(loaded.module, original, ids)
+    rewritten = nf.layernorm_to_rmsnorm(loaded.module, mode="approx", example_inputs=ids).module
+    assert not any(isinstance(m, nn.LayerNorm) for m in rewritten.modules())
+    out = save_model(rewritten, default_output_path(loaded, "rmsnorm"), source=loaded)
+    assert out == tmp_path / "bert.rmsnorm" and sorted(p.name for p in out.iterdir()) == ["config.json",
+                                                                                         "model.safetensors"]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()
+    again = nf.load(out)
+    assert type(again).__name__ == "BertForMaskedLM"
+    _same(again, rewritten, ids)
+    # tied weights stay tied (stored once in the file)
+    emb = again.bert.embeddings.word_embeddings.weight
+    assert again.cls.predictions.decoder.weight.data_ptr() == emb.data_ptr()
+    # writing again replaces normfold's own folder; a foreign folder is refused
+    save_model(rewritten, out, source=loaded)
+    (tmp_path / "other").mkdir()
+    with pytest.raises(UsageError, match="existing directory"):
+        save_model(rewritten, tmp_path / "other", source=loaded)
+    with pytest.raises(UsageError, match="folder"):
+        save_model(rewritten, tmp_path / "x.safetensors", source=loaded)
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def test_hugging_face_folder_through_the_cli(tmp_path: Path, capsys) -> None:
+    """`normfold fold DIR` on a transformers ResNet: a folder comes out, and check reads it as the candidate."""
+    import transformers
+
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    torch.manual_seed(0)
+    model = randomize_bn_stats(transformers.ResNetForImageClassification(cfg)).eval()
+    model.save_pretrained(tmp_path / "resnet")
+    code, out, err = run_cli(["fold", str(tmp_path / "resnet"), "--input-shape", "2,3,32,32", "-q"], capsys)
+    assert code == 0, out + err
+    folded_dir = tmp_path / "resnet.folded"
+    assert (folded_dir / "config.json").is_file() and (folded_dir / "model.safetensors").is_file()
+    folded = nf.load(folded_dir)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert_models_close(folded, model, (X,))
+    code, out, err = run_cli(["check", str(tmp_path / "resnet"), "--candidate", str(folded_dir), "--input-shape",
+                              "2,3,32,32", "--no-export", "-q"], capsys)
+    assert code == 0, out + err
+
+
+def test_hugging_face_folder_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="without config.json"):
+        load_model(tmp_path / "empty")
+    d = tmp_path / "noweights"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    with pytest.raises(ModelLoadError, match="no weights"):
+        load_model(d)
+    (d / "config.json").write_text(json.dumps({"architectures": ["NotAModel"], "model_type": "bert"}))
+    with pytest.raises(ModelLoadError, match="not a transformers model class"):
+        load_model(d)
+
+
+def test_timm_registry_name(tmp_path: Path) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    model = randomize_bn_stats(timm.create_model("test_resnet", pretrained=False, num_classes=5)).eval()
+    src = tmp_path / "t.pt"
+    torch.save(model.state_dict(), src)
+    loaded = load_model(src, arch="timm:test_resnet(num_classes=5)")
+    _same(loaded.module.eval(), model)
+    folded = nf.fold_batchnorm(loaded.module.eval(), example_inputs=(X,)).module
+    out = save_model(folded, default_output_path(loaded, "folded"), source=loaded)
+    _same(nf.load(out, arch="timm:test_resnet(num_classes=5)"), folded)
+    with pytest.raises(ModelLoadError, match="timm has no model"):
+        load_model(src, arch="timm:no_such_net")
+    with pytest.raises(ModelLoadError, match="--arch timm:test_resnet"):
+        load_model(src, arch="timm.layers:test_resnet")
+
+
+_LOCAL_FACTORY = '''
+import torch
+from torch import nn
+
+
+def build(width=4):
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, width, 3))
+    return nn.Sequential(conv, nn.BatchNorm2d(width), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(width, 2))
+'''
+
+
+def test_factory_in_a_local_file_with_arguments(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "my_models.py").write_text(_LOCAL_FACTORY)
+    monkeypatch.chdir(tmp_path)
+    arch = "./my_models.py:build(width=6)"
+    torch.manual_seed(0)
+    model = randomize_bn_stats(load_model_factory(arch)).eval()
+    src = tmp_path / "m.safetensors"
+    from safetensors.torch import save_file
+    save_file(model.state_dict(), str(src))
+    loaded = load_model(src, arch=arch)
+    _same(loaded.module.eval(), model)
+    # weight_norm baked, then BatchNorm folded: parametrizations removed and BN gone, all in the recipe
+    baked = nf.fold_weight_norm(loaded.module.eval()).module
+    folded = nf.fold_batchnorm(baked, example_inputs=(X,)).module
+    out = save_model(folded, default_output_path(loaded, "folded"), source=loaded)
+    again = nf.load(out, arch=arch)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in again.modules())
+    assert not hasattr(again[0], "parametrizations")
+    _same(again, folded)
+    assert_models_close(again, model, (X,))
+    # the module name alone is not importable from here: the error says how
+    with pytest.raises(ModelLoadError, match=r"PYTHONPATH=\. or give the file path"):
+        load_model(src, arch="my_models:build(width=6)")
+
+
+def load_model_factory(arch: str) -> nn.Module:
+    from normfold.io import build_arch
+
+    return build_arch(arch)
+
+
+def test_arch_arguments_are_literals_only() -> None:
+    spec = parse_arch("torchvision.models:resnet18(num_classes=10, weights=None)")
+    assert (spec.module, spec.attr, spec.kwargs) == ("torchvision.models", "resnet18", {"num_classes": 10,
+                                                                                      "weights": None})
+    with pytest.raises(UsageError, match="literals"):
+        parse_arch("torchvision.models:resnet18(num_classes=__import__('os').getpid())")
+    with pytest.raises(UsageError, match="must look like"):
+        parse_arch("resnet18")
+
+
+def test_torchscript_is_refused(tmp_path: Path, capsys) -> None:
+    p = tmp_path / "scripted.pt"
+    torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()).save(str(p))
+    with pytest.raises(ModelLoadError, match="TorchScript"):
+        load_model(p, trust=True)
+    code, out, err = run_cli(["fold", str(p), "--trust"], capsys)
+    assert code == 2 and "TorchScript" in err and "Traceback" not in err
+
+
+def test_pt2_in_and_out(demo, tmp_path: Path) -> None:
+    path, _ = demo
+    loaded = load_model(path, arch=DEMO)
+    folded = nf.fold_batchnorm(loaded.module.eval(), example_inputs=(X,)).module
+    with pytest.raises(UsageError, match="example inputs"):
+        save_model(folded, tmp_path / "f.pt2", source=loaded)
+    out = save_model(folded, tmp_path / "f.pt2", source=loaded, example_inputs=(X,))
+    program = load_model(out)
+    assert program.kind == "exported"
+    with torch.no_grad():  # an ExportedProgram's module has no eval(); it was exported in eval
+        torch.testing.assert_close(program.module(X), run_eval(folded, (X,)), atol=1e-5, rtol=0)
+    assert default_output_path(program, "folded").suffix == ".pt2"
+
+
+def test_recipe_refuses_what_it_cannot_rebuild(demo, tmp_path: Path) -> None:
+    path, _ = demo
+    loaded = load_model(path, arch=DEMO)
+    model = loaded.module
+    model.fc = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(32, 64)))
+    with pytest.raises(RecipeError, match="--pickle"):
+        save_model(model, tmp_path / "g.safetensors", source=loaded)
+    model.fc = nn.Linear(32, 64)
+    model.fc.scale_fn = lambda t: t * 2  # an attribute a file cannot describe
+    with pytest.raises(RecipeError, match="--pickle"):
+        save_model(model, tmp_path / "g.safetensors", source=loaded)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_tampered_recipe_imports_nothing_outside_the_allow_list(r18_folded, tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path, _, loaded, folded = r18_folded
+    out = save_model(folded, tmp_path / "f.safetensors", source=loaded)
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    recipe = json.loads(meta["normfold_recipe"])
+    replace = next(e for e in recipe["edits"] if e["op"] == "replace")
+    replace["class"] = "subprocess:Popen"
+    meta["normfold_recipe"] = json.dumps(recipe)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(ModelLoadError, match="refusing to import"):
+        nf.load(bad, arch=R18)
+
+
+def test_cli_fold_safetensors_then_check_the_candidate(r18, tmp_path: Path, capsys) -> None:
+    """The issue's first example: fold a .safetensors, then check the output as --candidate."""
+    path, original = r18
+    src = tmp_path / "r18.safetensors"
+    src.write_bytes(path.read_bytes())
+    code, out, err = run_cli(["fold", str(src), "--arch", R18, "--input-shape", "2,3,32,32", "-q"], capsys)
+    assert code == 0, out + err
+    written = tmp_path / "r18.folded.safetensors"
+    assert _is_safetensors(written) and str(written) in out
+    code, out, err = run_cli(["check", str(src), "--arch", R18, "--candidate", str(written), "--input-shape",
+                              "2,3,32,32", "--no-export", "-q"], capsys)
+    assert code == 0, out + err
+    assert_models_close(nf.load(written, arch=R18), original, (X,))
