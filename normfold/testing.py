@@ -42,8 +42,12 @@ def assert_equivalent(reference: nn.Module, candidate_or_onnx: Any, inputs: Any,
     (a path, ``onnx.ModelProto`` or bytes, run in onnxruntime). ``inputs`` is a
     tensor, a tuple of tensors or a .pt/.npy/.npz file. The probes (batch
     independence, training mode, batch dimension, norm ops) run unless
-    ``probes=False``. Returns the :class:`~normfold.check.report.CheckReport`
-    when every check passes; raises ``AssertionError`` with the report's text otherwise.
+    ``probes=False``. Outputs are judged by normfold's one rule (the rule of
+    :func:`normfold.verify`, :data:`normfold.tolerances.POLICY`: ``max |a - b|
+    <= tol[dtype] * max |ref|`` per output, measured per dtype); ``atol``,
+    ``rtol``, ``scale_tol`` replace it. Returns the
+    :class:`~normfold.check.report.CheckReport` when every check passes;
+    raises ``AssertionError`` with the report's text otherwise.
     """
     if isinstance(candidate_or_onnx, nn.Module):
         kw: dict[str, Any] = {"candidate": candidate_or_onnx, "export": export}
