@@ -119,6 +119,13 @@ class ExportResult:
                 "external_data": self.external_data, "size_bytes": self.size_bytes,
                 "seconds": round(self.seconds, 3), "warnings": list(self.warnings)}
 
+    def __repr__(self) -> str:
+        # the dataclass repr would print model_proto and model_bytes: the whole ONNX file
+        where = str(self.path) if self.path else "in memory"
+        return (f"ExportResult({where}, opset {self.opset}, {self.size_bytes / 2**20:.1f} MiB"
+                f"{', external data' if self.external_data else ''}, inputs {self.input_names}, outputs "
+                f"{self.output_names}, batch dims {self.batch_dims}, {self.seconds:.1f}s)")
+
 
 def _is_torch_rmsnorm(m: nn.Module) -> bool:
     return hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm)
@@ -189,6 +196,30 @@ def batch_dims(model_proto: Any) -> list[str | int | None]:
     return dims
 
 
+def _sequence_dims(inputs: tuple, dyn: tuple | None) -> tuple:
+    """Add a symbolic ``sequence`` to dim 1 of every 2-D tensor input (token ids, attention masks).
+
+    Inputs of the same length share one symbol (ids and their mask must agree); another length (a
+    decoder's ids beside an encoder's) gets its own.
+    """
+    dyn = dyn if dyn is not None else tuple(None for _ in inputs)
+    symbols: dict[int, Any] = {}
+    out = []
+    for t, d in zip(inputs, dyn):
+        if isinstance(t, torch.Tensor) and t.dim() == 2:
+            n = int(t.shape[1])
+            if n < 2:
+                raise InputError("dynamic_sequence needs example sequences of length 2 or more (length 1 is "
+                                 "specialized by torch.export)")
+            if n not in symbols:
+                symbols[n] = torch.export.Dim("sequence" if not symbols else f"sequence_{len(symbols)}")
+            d = {**(d or {}), 1: symbols[n]}
+        out.append(d)
+    if not symbols:
+        raise InputError("dynamic_sequence: no 2-D (batch, sequence) tensor input to make symbolic")
+    return tuple(out)
+
+
 def _tensor_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
@@ -203,7 +234,7 @@ def _tensor_bytes(model: nn.Module) -> int:
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike | None = None, *,
                 opset: int | None = None, dynamic_batch: bool = True, optimize: bool = True,
                 check_model: bool = True, input_names: Sequence[str] | None = None,
-                output_names: Sequence[str] | None = None) -> ExportResult:
+                output_names: Sequence[str] | None = None, dynamic_sequence: bool = False) -> ExportResult:
     """Export ``model`` to ONNX with the dynamo exporter; see the module docstring for the rules.
 
     ``example_inputs`` is a tensor or a tuple of positional inputs. ``path=None``
@@ -245,6 +276,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike |
         dim = torch.export.Dim("batch")
         dyn = tuple({0: dim} if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == batch else None
                     for t in inputs)
+    if dynamic_sequence:
+        dyn = _sequence_dims(inputs, dyn)
 
     nbytes = _tensor_bytes(model)
     external = nbytes > EXTERNAL_DATA_THRESHOLD
