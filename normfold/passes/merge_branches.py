@@ -128,6 +128,8 @@ class _Term:
     dtype: torch.dtype | None = None
     device: torch.device | None = None
     requires_grad: bool = False
+    #: why this op could not take in the term before it (it starts a new term at its input)
+    refusal: str | None = None
 
     @property
     def uniform(self) -> bool:
@@ -315,6 +317,9 @@ def _compose(outer: _Term, inner: _Term) -> _Term | str:
     meta["uniform_cost"] = inner.uniform_cost + outer.uniform_cost / math.prod(inner.stride or (1,))
     meta["cost"] = inner.cost + outer.cost / math.prod(inner.stride or (1,))
     if outer.is_pointwise():
+        if not inner.merges:
+            # conv -> 1x1 chains are not re-parameterization blocks; only a merged sum takes one in
+            return "a pointwise conv after a single conv is left as it is"
         co, m = outer.weight.shape[0] // g, outer.weight.shape[1]
         wo = outer.weight.reshape(g, co, m)
         wi = inner.weight.reshape(g, m, -1)
@@ -431,7 +436,10 @@ def _module_term(m: nn.Module, path: str, node: torch.fx.Node, root: torch.fx.No
         return _Term(root=root, weight=w, bias=torch.zeros(1, dtype=torch.float64), groups=None, rank=pool_rank,
                      stride=stride, dilation=(1,) * pool_rank, lo=pad, hi=pad, nodes=[node], paths=[path],
                      convs=1, uniform_cost=math.prod(k) / math.prod(stride))
-    return _Barrier(f"{path} ({type(m).__name__}) is not linear", nonlinear=True)
+    if type(m).__module__ == nn.modules.activation.__name__:
+        return _Barrier(f"{path} ({type(m).__name__}) is not linear", nonlinear=True)
+    return _Barrier(f"{path} ({type(m).__name__}) is not an op this pass merges "
+                    "(conv, BatchNorm, avg-pool, identity, constant scale)", nonlinear=True)
 
 
 def _tuple(v: Any, n: int) -> tuple[int, ...]:
@@ -546,7 +554,7 @@ class _BlockAnalysis:
                 return op
             out = _compose(op, inner)
             if isinstance(out, str):
-                return _Barrier(out) if not op.nodes else replace(op, root=args[0])
+                return replace(op, root=args[0], refusal=out)
             return replace(out, nodes=out.nodes, inputs=[args[0]])
         target = node.target
         if node.op in ("call_function", "call_method") and not node.kwargs:
@@ -557,7 +565,7 @@ class _BlockAnalysis:
             if target in _NEG and len(args) == 1 and isinstance(args[0], torch.fx.Node):
                 return self._mul(node, args[0], -1.0, div=False)
         name = getattr(target, "__name__", str(target))
-        return _Barrier(f"{name} is not a linear op this pass merges", nonlinear=True)
+        return _Barrier(f"{name} is not one of the linear ops this pass merges", nonlinear=True)
 
     def _const(self, node: torch.fx.Node) -> _Const | None:
         ok = (node.op == "call_method" and node.target in _CONST_METHODS) or \
@@ -640,9 +648,10 @@ class _BlockAnalysis:
                     readers = ", ".join(u.name for u in n.users if u is not node)
                     self._skip(node, (where, *modules), f"a branch output ({n.name}) is also read by {readers}")
                     return
-            convs = sum(1 for n in path if n.op == "call_module" and
-                        isinstance(self.modules.get(n.target), nn.modules.conv._ConvNd))
+            convs = sum(st.convs if isinstance(st := self.status.get(n), _Term) else 0 for n in path)
             barriers = [self.status[n] for n in path if isinstance(self.status.get(n), _Barrier)]
+            barriers += [_Barrier(st.refusal) for n in path
+                         if isinstance(st := self.status.get(n), _Term) and st.refusal]
             nonlinear = [s for s in barriers if s.nonlinear]
             if nonlinear and convs <= 1:
                 self._skip(node, (where, *modules), f"a branch is not linear: {nonlinear[0].reason}")
@@ -656,6 +665,11 @@ class _BlockAnalysis:
         chain = [node]
         cur = node
         for _ in range(16):
+            st = self.status.get(cur)
+            if isinstance(st, _Term) and cur is not st.root:  # a merged sum forks where its root does
+                cur = st.root
+                chain.append(cur)
+                continue
             ins = [a for a in cur.all_input_nodes if not isinstance(self.status.get(a), _Const)]
             if len(ins) != 1:
                 break
@@ -670,6 +684,17 @@ def _scope(node: torch.fx.Node) -> str:
         return node.target.rpartition(".")[0]
     stack = node.meta.get("nn_module_stack") or {}
     return next(reversed(stack.values()))[0] if stack else ""
+
+
+def _common_scope(nodes: set[torch.fx.Node]) -> str:
+    """The innermost module whose call made all of ``nodes``."""
+    parts = [p.split(".") if p else [] for p in map(_scope, nodes)]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
 
 
 def _fetch(gm: nn.Module, target: str) -> Any:
@@ -701,6 +726,7 @@ class MergeBranches(Pass):
         self._input_channels = self._record_input_channels(module)
         seen_skips: set[tuple[tuple[str, ...], str]] = set()
         merged_blocks = 0
+        self._traced: set[str] = set()
         blocks = self._candidate_blocks(module)
         for path in blocks:
             try:
@@ -713,6 +739,7 @@ class MergeBranches(Pass):
             except Exception as exc:  # an untraceable block: its parent may still trace
                 log.debug("merge_branches: %s does not trace (%s)", path or "<model>", exc)
                 continue
+            self._traced.add(path)
             changes, skips = self._merge_block(gm, path)
             for paths, reason in skips:
                 # a parent block re-traces its children: report each refusal once, at the innermost block
@@ -755,14 +782,7 @@ class MergeBranches(Pass):
         for node, st in analysis.status.items():
             if not isinstance(st, _Term) or not (st.merges or st.convs >= 2):
                 continue
-            scopes = [_scope(n) for n in set(st.nodes) | {node}]
-            parts = [p.split(".") if p else [] for p in scopes]
-            common = []
-            for level in zip(*parts):
-                if len(set(level)) != 1:
-                    break
-                common.append(level[0])
-            found.add(".".join(common))
+            found.add(_common_scope(set(st.nodes) | {node}))
         found.update(_scope(n) for n in analysis.skip_nodes)  # traced again to report at the right block
         return sorted(found, key=lambda p: (-(p.count(".") + 1) if p else 0, p))
 
@@ -781,16 +801,16 @@ class MergeBranches(Pass):
         # one linear module can still merge with an identity or a scale (x + conv(x))
         return linear >= 1
 
-    def _record_input_channels(self, module: nn.Module) -> dict[str, list[int | None]]:
-        """Channel count of each module's positional inputs in one forward of ``example_inputs``."""
+    def _record_input_channels(self, module: nn.Module) -> dict[str, list[tuple[int, torch.dtype, torch.device] | None]]:
+        """(channels, dtype, device) of each module's positional inputs in one forward of ``example_inputs``."""
         if self.example_inputs is None:
             return {}
-        seen: dict[str, list[int | None]] = {}
+        seen: dict[str, list[tuple[int, torch.dtype, torch.device] | None]] = {}
         handles = []
         for path, m in module.named_modules():
             def hook(mod: nn.Module, args: tuple, path: str = path) -> None:
-                seen.setdefault(path, [a.shape[1] if isinstance(a, torch.Tensor) and a.dim() > 1 else None
-                                       for a in args])
+                seen.setdefault(path, [(a.shape[1], a.dtype, a.device) if isinstance(a, torch.Tensor) and a.dim() > 1
+                                       else None for a in args])
             handles.append(m.register_forward_pre_hook(hook))
         inputs = self.example_inputs if isinstance(self.example_inputs, tuple) else (self.example_inputs,)
         try:
@@ -801,8 +821,9 @@ class MergeBranches(Pass):
                 h.remove()
         return seen
 
-    def _channels(self, node: torch.fx.Node, modules: dict[str, nn.Module], path: str) -> int | None:
-        """The channel count of a region's input, when the graph or the example inputs tell it."""
+    def _input_info(self, node: torch.fx.Node, modules: dict[str, nn.Module],
+                    path: str) -> tuple[int, torch.dtype, torch.device] | None:
+        """(channels, dtype, device) of a region's input, when the graph or the example inputs tell it."""
         for _ in range(32):
             if node.op == "placeholder":
                 placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
@@ -812,9 +833,9 @@ class MergeBranches(Pass):
             if node.op == "call_module":
                 m = modules[node.target]
                 if isinstance(m, nn.modules.conv._ConvNd):
-                    return m.out_channels
-                if is_batchnorm(m):
-                    return int(m.num_features)
+                    return m.out_channels, m.weight.dtype, m.weight.device
+                if is_batchnorm(m) and m.running_mean is not None:
+                    return int(m.num_features), m.running_mean.dtype, m.running_mean.device
             ins = node.all_input_nodes
             if len(ins) != 1:
                 return None
@@ -852,6 +873,9 @@ class MergeBranches(Pass):
         assert isinstance(t, _Term)
         if not (t.merges or t.convs >= 2):
             return
+        inner_scope = _common_scope(set(t.nodes) | {node})
+        if inner_scope and (f"{path}.{inner_scope}" if path else inner_scope) in self._traced:
+            return  # a deeper block holds this region; it merged there or was left with its reason
         where = path or "<model>"
 
         def fall_back(reason: str | None) -> None:
@@ -861,12 +885,15 @@ class MergeBranches(Pass):
                 if inner is not node and isinstance(analysis.status.get(inner), _Term):
                     self._materialize(gm, analysis, inner, path, changes, skips)
 
-        if t.uniform:
-            c = self._channels(t.root, analysis.modules, path)
-            if c is None:
+        if t.uniform or t.dtype is None:
+            info = self._input_info(t.root, analysis.modules, path)
+            if info is None:
                 return fall_back("the channel count of the branches' input is not known "
                                  "(pass example_inputs)")
-            t = _with_channels(t, c)
+            t = _with_channels(t, info[0])
+            if isinstance(t, str):
+                return fall_back(t)
+            t = replace(t, dtype=t.dtype or info[1], device=t.device or info[2])
         if t.rank is None:
             return fall_back("no op of the region fixes its spatial rank (a conv, 2d/3d BatchNorm or pool)")
         if t.lo != t.hi:

@@ -1,0 +1,469 @@
+"""merge_branches: each merge rule and each refusal on hand-built blocks, outputs compared with the original.
+
+The blocks are written here from their papers, not taken from timm: a RepVGG block,
+ACNet's kxk + 1xk + kx1, DBB's four branches, a RepViT-style depthwise block, a
+FastViT-style RepMixer (a subtraction under a layer scale), MobileOne's ``sum`` of
+branches. Every BatchNorm gets random statistics (a merge that drops or misplaces
+one must fail), every model runs in eval.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import normfold as nf
+from normfold.passes.merge_branches import merge_branches
+from tests.conftest import assert_models_close, assert_state_equal, randomize_bn_stats, state_snapshot
+
+
+def _bn_count(m: nn.Module) -> int:
+    return sum(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+
+
+def _conv_count(m: nn.Module) -> int:
+    return sum(isinstance(x, nn.modules.conv._ConvNd) for x in m.modules())
+
+
+def _prepare(model: nn.Module, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    for m in model.modules():  # random conv biases too: a dropped or misplaced bias must show
+        if isinstance(m, nn.modules.conv._ConvNd) and m.bias is not None:
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    return randomize_bn_stats(model, seed).eval()
+
+
+def _x(*shape: int) -> tuple[torch.Tensor]:
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(1)),)
+
+
+def _convbn(cin: int, cout: int, k, stride: int = 1, padding=0, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, padding, groups=groups, bias=False), nn.BatchNorm2d(cout))
+
+
+class RepVGGBlock(nn.Module):
+    """RepVGG (Ding et al. 2021): 3x3 conv+BN + 1x1 conv+BN + identity BN, then ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, groups: int = 1) -> None:
+        super().__init__()
+        self.dense = _convbn(cin, cout, 3, stride, 1, groups)
+        self.pointwise = _convbn(cin, cout, 1, stride, 0, groups)
+        self.identity = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dense(x) + self.pointwise(x)
+        if self.identity is not None:
+            y = y + self.identity(x)
+        return self.act(y)
+
+
+class ACBlock(nn.Module):
+    """ACNet (Ding et al. 2019): square kxk + horizontal 1xk + vertical kx1, each with its BN."""
+
+    def __init__(self, c: int, k: int = 3) -> None:
+        super().__init__()
+        self.square = _convbn(c, c, k, padding=k // 2)
+        self.hor = _convbn(c, c, (1, k), padding=(0, k // 2))
+        self.ver = _convbn(c, c, (k, 1), padding=(k // 2, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.square(x) + self.hor(x) + self.ver(x))
+
+
+class DBBlock(nn.Module):
+    """Diverse Branch Block (Ding et al. 2021): kxk, 1x1, 1x1 -> avg-pool, 1x1 -> kxk, each ending in BN.
+
+    The pointwise convs before the avg-pool and the kxk have no bias and no BN in between, so
+    the zero padding of the second op sees what the merged conv sees (DBB pads with the BN
+    value instead; with a bias here the merge is refused, see the refusal test).
+    """
+
+    def __init__(self, c: int, k: int = 3) -> None:
+        super().__init__()
+        self.origin = _convbn(c, c, k, padding=k // 2)
+        self.one = _convbn(c, c, 1)
+        self.avg = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.AvgPool2d(k, 1, k // 2), nn.BatchNorm2d(c))
+        self.kxk = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.Conv2d(c, c, k, 1, k // 2, bias=False),
+                                 nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.origin(x) + self.one(x) + self.avg(x) + self.kxk(x)
+
+
+class RepDW(nn.Module):
+    """RepViT's token mixer: depthwise 3x3+BN + depthwise 1x1 + identity, then a BN after the add."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = _convbn(c, c, 3, padding=1, groups=c)
+        self.conv1 = nn.Conv2d(c, c, 1, groups=c)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x) + self.conv1(x) + x)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.linspace(-1.0, 2.0, c).reshape(c, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class RepMixer(nn.Module):
+    """FastViT's RepMixer: ``x + gamma * (mixer(x) - norm(x))``, mixer = depthwise conv+BN + identity BN."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.mixer = _convbn(c, c, 3, padding=1, groups=c)
+        self.mixer_id = nn.BatchNorm2d(c)
+        self.norm = nn.BatchNorm2d(c)
+        self.layer_scale = LayerScale(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layer_scale((self.mixer(x) + self.mixer_id(x)) - self.norm(x))
+
+
+class MobileOneStyle(nn.Module):
+    """MobileOne: ``out = scale(x) + identity(x); for conv in convs: out += conv(x)`` (a sum over a list)."""
+
+    def __init__(self, c: int, n: int = 3) -> None:
+        super().__init__()
+        self.identity = nn.BatchNorm2d(c)
+        self.scale = _convbn(c, c, 1)
+        self.convs = nn.ModuleList(_convbn(c, c, 3, padding=1) for _ in range(n))
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.scale(x) + self.identity(x)
+        for conv in self.convs:
+            out += conv(x)
+        return self.act(out)
+
+
+class SumOfList(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList([_convbn(c, c, 3, padding=1), _convbn(c, c, 1), nn.BatchNorm2d(c)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum([b(x) for b in self.branches])
+
+
+class Net(nn.Module):
+    """An outer model of the user's own class holding blocks at nested paths."""
+
+    def __init__(self, *blocks: nn.Module, cin: int = 3, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(cin, c, 3, padding=1)
+        self.body = nn.Sequential(*blocks)
+        self.head = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.stem(x)))
+
+
+def _merged(model: nn.Module, inputs: tuple, **kw) -> nf.PassResult:
+    """Run the pass, compare outputs with the original, return the result."""
+    r = merge_branches(model, **kw)
+    assert_models_close(r.module, model, inputs, what="merged")
+    return r
+
+
+# ---------------------------------------------------------------------------------------------- merge rules
+
+
+def test_repvgg_block_from_scratch_becomes_one_conv_per_block():
+    model = _prepare(Net(RepVGGBlock(8, 8), RepVGGBlock(8, 8, stride=2), RepVGGBlock(8, 8)))
+    r = _merged(model, _x(2, 3, 16, 16))
+    assert type(r.module) is Net  # the user's class stays
+    assert _bn_count(r.module) == 0
+    assert _conv_count(r.module) == 2 + 3  # stem, head, one conv per block
+    assert [c.details["block"] for c in r.changes] == ["body.0", "body.1", "body.2"]
+    assert r.changes[0].details["branches"] == 3 and r.changes[1].details["branches"] == 2
+    block = r.module.body[1]
+    assert isinstance(block, torch.fx.GraphModule) and isinstance(block.act, nn.ReLU)  # what came after the add
+    assert block.merged_conv.stride == (2, 2) and block.merged_conv.kernel_size == (3, 3)
+    assert "body.0.identity" in r.changes[0].paths and not r.skipped
+
+
+def test_grouped_repvgg_identity_is_a_one_hot_grouped_kernel():
+    model = _prepare(Net(RepVGGBlock(8, 8, groups=4)))
+    r = _merged(model, _x(2, 3, 12, 12))
+    conv = r.module.body[0].merged_conv
+    assert conv.groups == 4 and conv.weight.shape == (8, 2, 3, 3)
+
+
+def test_acnet_asymmetric_kernels_pad_to_the_square():
+    model = _prepare(Net(ACBlock(8), ACBlock(8, k=5)))
+    r = _merged(model, _x(2, 3, 11, 13))
+    assert [c.details["kernel"] for c in r.changes] == [(3, 3), (5, 5)]
+    assert _bn_count(r.module) == 0
+
+
+def test_dbb_four_branches_with_avg_pool_and_1x1_kxk_chains():
+    model = _prepare(Net(DBBlock(8)))
+    r = _merged(model, _x(2, 3, 10, 10))
+    assert _conv_count(r.module.body) == 1 and _bn_count(r.module) == 0
+    assert not any(isinstance(m, nn.AvgPool2d) for m in r.module.modules())
+
+
+def test_depthwise_branches_identity_and_bn_after_the_add_stay_depthwise():
+    model = _prepare(Net(RepDW(8)))
+    r = _merged(model, _x(2, 3, 9, 9))
+    conv = r.module.body[0].merged_conv
+    assert conv.groups == 8 and conv.weight.shape == (8, 1, 3, 3) and _bn_count(r.module) == 0
+
+
+def test_subtraction_under_a_layer_scale_merges():
+    model = _prepare(Net(RepMixer(8)))
+    r = _merged(model, _x(2, 3, 9, 9))
+    assert _conv_count(r.module.body) == 1 and _bn_count(r.module) == 0
+    assert not hasattr(r.module.body[0], "layer_scale")  # gamma went into the kernel
+
+
+def test_in_place_add_loop_and_sum_of_a_list():
+    model = _prepare(Net(MobileOneStyle(8), SumOfList(8)))
+    r = _merged(model, _x(2, 3, 8, 8))
+    assert [c.details["branches"] for c in r.changes] == [5, 3]
+    assert _bn_count(r.module) == 0
+
+
+def test_avg_pool_branch_on_the_identity():
+    class PoolBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+            self.pool = nn.AvgPool2d(3, 1, 1)
+
+        def forward(self, x):
+            return self.conv(x) + self.pool(x) - 0.5 * x
+
+    model = _prepare(Net(PoolBlock()))
+    r = _merged(model, _x(2, 3, 7, 7))
+    assert _conv_count(r.module.body) == 1
+
+
+def test_pool_and_identity_alone_need_the_channel_count_from_example_inputs():
+    class PoolOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = nn.AvgPool2d(3, 1, 1)
+
+        def forward(self, x):
+            return x + self.pool(x)
+
+    model = Net(PoolOnly()).eval()
+    x = _x(2, 3, 7, 7)
+    r = _merged(model, x)
+    assert not r.modified and "channel count" in r.skipped[0].reason
+    r = _merged(model, x, example_inputs=x)
+    assert r.modified and r.module.body[0].merged_conv.groups == 8
+
+
+def test_pointwise_then_kxk_chain_composes_when_cheaper():
+    chain = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+    model = _prepare(Net(chain))
+    r = _merged(model, _x(2, 3, 8, 8))
+    assert _conv_count(r.module.body) == 1 and "composed" in r.changes[0].message
+
+
+def test_dilated_branches_share_the_dilation():
+    class Dilated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = _convbn(8, 8, 3, padding=2)
+            self.a[0].dilation = (2, 2)
+            self.b = _convbn(8, 8, 1)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x) + x
+
+    model = _prepare(Net(Dilated()))
+    r = _merged(model, _x(2, 3, 9, 9))
+    assert r.module.body[0].merged_conv.dilation == (2, 2)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_and_conv3d(dims: int):
+    conv = {1: nn.Conv1d, 3: nn.Conv3d}[dims]
+    bn = {1: nn.BatchNorm1d, 3: nn.BatchNorm3d}[dims]
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.k = nn.Sequential(conv(4, 4, 3, padding=1, bias=False), bn(4))
+            self.p = nn.Sequential(conv(4, 4, 1, bias=False), bn(4))
+            self.id = bn(4)
+
+        def forward(self, x):
+            return self.k(x) + self.p(x) + self.id(x)
+
+    model = _prepare(nn.Sequential(Block()))
+    r = _merged(model, _x(2, 4, *([6] * dims)))
+    assert isinstance(r.module[0].merged_conv, conv)
+
+
+def test_after_fold_batchnorm():
+    model = _prepare(Net(RepVGGBlock(8, 8), ACBlock(8), DBBlock(8), RepDW(8), RepMixer(8), MobileOneStyle(8)))
+    x = _x(2, 3, 10, 10)
+    folded = nf.fold_batchnorm(model).module
+    r = merge_branches(folded)
+    assert_models_close(r.module, model, x, what="fold + merge")
+    assert _bn_count(r.module) == 0 and _conv_count(r.module.body) == 6
+
+
+def test_model_level_branches_come_back_as_a_graph_module():
+    model = _prepare(RepVGGBlock(8, 8))
+    r = _merged(model, _x(2, 8, 6, 6))
+    assert isinstance(r.module, torch.fx.GraphModule) and r.changes[0].details["block"] == "<model>"
+
+
+def test_inplace_false_leaves_the_input_untouched_and_inplace_true_edits_it():
+    model = _prepare(Net(RepVGGBlock(8, 8)))
+    snap, block = state_snapshot(model), model.body[0]
+    r = merge_branches(model)
+    assert_state_equal(model, snap)
+    assert model.body[0] is block and r.module is not model
+    r = merge_branches(model, inplace=True)
+    assert r.module is model and isinstance(model.body[0], torch.fx.GraphModule)
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+
+def _left(model: nn.Module, inputs: tuple, fragment: str) -> nf.PassResult:
+    r = _merged(model, inputs)
+    assert any(fragment in s.reason for s in r.skipped), [str(s) for s in r.skipped]
+    return r
+
+
+def test_nonlinear_branch_is_left_with_its_reason():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+            self.b = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    r = _left(_prepare(Net(Block())), _x(2, 3, 6, 6), "not linear")
+    assert not r.modified and "body.0.a.1" in r.skipped[0].reason
+
+
+def test_resnet_residual_is_not_reported():
+    class Basic(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = _convbn(8, 8, 3, padding=1), _convbn(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(x + self.c2(torch.relu(self.c1(x))))
+
+    r = _merged(_prepare(Net(Basic())), _x(2, 3, 6, 6))
+    assert not r.modified and not r.skipped
+
+
+def test_batchnorm_in_training_mode_is_left():
+    model = _prepare(Net(RepVGGBlock(8, 8)))
+    model.body[0].identity.train()
+    r = _left(model, _x(4, 3, 6, 6), "training mode")
+    # the two conv branches still merge; the identity BatchNorm stays, still training
+    assert r.changes[0].details["branches"] == 2 and r.module.body[0].identity.training
+
+
+def test_dilations_that_differ_are_left():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(8, 8, 3, padding=2, dilation=2)
+            self.b = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    _left(_prepare(Net(Block())), _x(2, 3, 8, 8), "dilations differ")
+
+
+def test_paddings_that_do_not_line_up_are_left():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+            self.b = nn.Conv2d(8, 8, 2, stride=2)  # the same output size on even inputs only
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    _left(_prepare(Net(Block())), _x(2, 3, 8, 8), "paddings do not line up")
+
+
+def test_branch_output_read_elsewhere_is_left():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            a = self.a(x)
+            return (a + self.b(x)) * torch.sigmoid(a)
+
+    _left(_prepare(Net(Block())), _x(2, 3, 6, 6), "also read by")
+
+
+def test_biased_pointwise_before_a_padded_kxk_is_left():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.origin = _convbn(8, 8, 3, padding=1)
+            self.kxk = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8),
+                                     nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+
+        def forward(self, x):
+            return self.origin(x) + self.kxk(x)
+
+    r = _left(_prepare(Net(Block())), _x(2, 3, 6, 6), "border")
+    assert not r.modified
+
+
+def test_forward_hook_on_a_branch_is_left():
+    model = _prepare(Net(RepVGGBlock(8, 8)))
+    model.body[0].pointwise[0].register_forward_hook(lambda *a: None)
+    r = _left(model, _x(2, 3, 6, 6), "hooks")
+    assert not r.modified
+
+
+def test_in_place_op_on_the_shared_input_is_left():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            y = self.a(x) + self.b(x)
+            x.mul_(2.0)
+            return y + x
+
+    r = _left(_prepare(Net(Block())), _x(2, 3, 6, 6), "in place")
+    assert not r.modified
+
+
+def test_a_dense_pointwise_after_a_depthwise_merge_is_not_composed():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dw = nn.Conv2d(8, 8, 7, padding=3, groups=8)
+            self.pw = nn.Conv2d(8, 32, 1)
+
+        def forward(self, x):
+            return self.pw(x + self.dw(x))
+
+    model = _prepare(Net(Block(), nn.Conv2d(32, 8, 1)))
+    r = _merged(model, _x(2, 3, 9, 9))
+    block = r.module.body[0]
+    assert block.merged_conv.groups == 8 and isinstance(block.pw, nn.Conv2d)  # dw + identity only
