@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import keyword
 from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["is_hf_model", "needs_wrapping", "traceable", "flatten_output", "positional_inputs"]
+__all__ = ["is_hf_model", "needs_wrapping", "traceable", "flatten_output", "positional_inputs", "export_onnx"]
 
 _SUBCLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
 
@@ -98,7 +99,11 @@ def _subclass(cls: type, names: tuple[str, ...]) -> type:
         return _SUBCLASSES[key]
     accepts = inspect.signature(cls.forward).parameters
     extra = {k: False for k in ("use_cache", "output_attentions", "output_hidden_states") if k in accepts}
-    args = [f"a{i}" for i in range(len(names))]
+    # the inputs' own names where they are identifiers: they become the graph's (and the ONNX model's) input names
+    args = [n if n.isidentifier() and not keyword.iskeyword(n) and n not in ("self", "kw") and not n.startswith("_")
+            else f"input_{i}" for i, n in enumerate(names)]
+    if len(set(args)) != len(args):
+        args = [f"input_{i}" for i in range(len(names))]
     src = (f"def forward(self, {', '.join(args)}):\n"
            f"    kw = dict(zip(_names, ({', '.join(args)}{',' if len(args) == 1 else ''})))\n"
            f"    kw.update(_extra)\n"
@@ -133,3 +138,21 @@ def traceable(model: nn.Module, example_inputs: Any) -> Iterator[tuple]:
         model.__class__ = cls
         for c, v in saved_cache:
             c.use_cache = v
+
+
+def export_onnx(model: nn.Module, example_inputs: Any, path: Any = None, *, dynamic_sequence: bool | None = None,
+                **kwargs: Any) -> Any:
+    """:func:`normfold.export.export_onnx` for a model called with keyword inputs (a ``transformers`` model).
+
+    The model is exported inside :func:`traceable` (caches off, a flat tuple of output tensors, the
+    inputs' names as the ONNX inputs' names). ``dynamic_sequence`` (default: when an input is a 2-D
+    integer tensor, i.e. token ids) makes dim 1 of the 2-D inputs a symbolic ``sequence``. To check the
+    export against the original, run :func:`normfold.check` inside ``traceable`` blocks of both models.
+    """
+    from normfold.export import export_onnx as _export
+
+    with traceable(model, example_inputs) as inputs:
+        if dynamic_sequence is None:
+            dynamic_sequence = any(isinstance(t, torch.Tensor) and t.dim() == 2 and not t.is_floating_point()
+                                   for t in inputs)
+        return _export(model, inputs, path, dynamic_sequence=dynamic_sequence, **kwargs)
