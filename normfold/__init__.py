@@ -4,6 +4,7 @@ from normfold.errors import NormfoldError
 from normfold.passes.base import Change, Pass, PassManager, PassResult, Skip
 from normfold.passes.batchnorm_to_groupnorm import batchnorm_to_groupnorm
 from normfold.passes.fold_batchnorm import fold_batchnorm
+from normfold.passes.merge_branches import merge_branches
 from normfold.passes.fold_weight_norm import fold_weight_norm
 from normfold.passes.weight_standardization import fold_weight_standardization
 from normfold.passes.freeze_batchnorm import FrozenAffine, freeze_batchnorm, unfreeze_batchnorm
@@ -26,6 +27,7 @@ __all__ = [
     "PassResult",
     "PassManager",
     "fold_batchnorm",
+    "merge_branches",
     "batchnorm_to_groupnorm",
     "to_syncbn",
     "from_syncbn",
