@@ -388,3 +388,149 @@ def test_cross_attention_keeps_the_shift_in_the_norm() -> None:
     assert {p for c in r.changes if c.action == "centre" for p in c.paths} == {
         "inp.weight", "inp.bias", "attn.out_proj.weight", "attn.out_proj.bias"}  # not mem: it is no stream
     assert_outputs_close(run_eval(r.module, inputs), run_eval(model, inputs), TOL, what="cross-attention exact")
+
+
+# ----------------------------------------------------------------------------------------------
+# writers recognised by what they compute; LayerScale; one centring op
+
+
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's Conv1D: ``addmm(b, x, W)`` with an (in, out) weight."""
+
+    def __init__(self, nx: int, nf: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(0.1 * torch.randn(nx, nf))
+        self.bias = nn.Parameter(0.1 * torch.randn(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.size()[:-1] + (self.weight.shape[1],)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class MatmulLinear(nn.Linear):
+    """Falcon's FalconLinear: its own forward, which computes x W^T + b."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+class ScaledLinear(nn.Linear):
+    """A Linear subclass whose forward is *not* x W^T + b."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) * 2.0
+
+
+class OddWriters(nn.Module):
+    def __init__(self, mlp_out: type[nn.Linear] = MatmulLinear, d: int = 16, layerscale: bool = False) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(30, d)
+        self.ln1, self.ln2, self.ln_f = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn_out = Conv1D(d, d)
+        self.fc, self.fc_out = nn.Linear(d, 2 * d), mlp_out(2 * d, d)
+        self.head = nn.Linear(d, 5)
+        self.gamma = nn.Parameter(torch.rand(d) + 0.5) if layerscale else None
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx).to(torch.float64).to(torch.float32)  # dtype casts of the stream
+        x = x + self.attn_out(self.ln1(x))
+        mlp = self.fc_out(F.gelu(self.fc(self.ln2(x))))
+        x = x + (self.gamma * mlp if self.gamma is not None else mlp)
+        return self.head(self.ln_f(x))
+
+
+def test_writers_are_recognised_by_what_they_compute() -> None:
+    torch.manual_seed(0)
+    idx = tokens(vocab=30)
+    model = randomize_layernorms_and_heads(OddWriters()).eval()
+    r = layernorm_to_rmsnorm(model, mode="exact", example_inputs=idx)
+    assert not r.skipped and set(conversions(r).values()) == {"exact"} and len(conversions(r)) == 3
+    centred = {p for c in r.changes if c.action == "centre" for p in c.paths}
+    assert {"attn_out.weight", "attn_out.bias", "fc_out.weight", "fc_out.bias", "tok.weight"} <= centred
+    assert torch.allclose(r.module.attn_out.weight.double().mean(dim=1), torch.zeros(16, dtype=torch.float64),
+                          atol=1e-7)  # (in, out) weight: centred along its output axis, dim 1
+    assert_outputs_close(run_eval(r.module, (idx,)), run_eval(model, (idx,)), TOL, what="Conv1D + FalconLinear")
+
+    other = randomize_layernorms_and_heads(OddWriters(mlp_out=ScaledLinear)).eval()
+    r = layernorm_to_rmsnorm(other, mode="auto", example_inputs=idx)
+    why = {c.paths[0]: c.details["reason"] for c in r.changes if c.action == "to_rmsnorm"}
+    assert set(conversions(r).values()) == {"approx"}
+    assert all("fc_out: ScaledLinear overrides forward()" in w for w in why.values())
+
+
+def test_layerscale_is_folded_into_its_writer() -> None:
+    torch.manual_seed(0)
+    idx = tokens(vocab=30)
+    model = randomize_layernorms_and_heads(OddWriters(layerscale=True)).eval()
+    r = layernorm_to_rmsnorm(model, mode="exact", example_inputs=idx)
+    assert not r.skipped and set(conversions(r).values()) == {"exact"}
+    folds = [c for c in r.changes if c.action == "fold_scale"]
+    assert len(folds) == 1 and folds[0].paths == ("gamma", "fc_out")
+    assert torch.equal(r.module.gamma, torch.ones(16)) and not torch.equal(model.gamma, torch.ones(16))
+    assert_outputs_close(run_eval(r.module, (idx,)), run_eval(model, (idx,)), TOL, what="LayerScale folded")
+
+
+class GeluStem(nn.Module):
+    """The stream starts at a GELU (a module, or a functional call at the top level): no weight can centre it."""
+
+    def __init__(self, functional: bool, layers: int = 2, d: int = 32) -> None:
+        super().__init__()
+        self.stem, self.act = nn.Linear(12, d), nn.GELU()
+        self.functional = functional
+        self.pos = nn.Parameter(0.1 * torch.randn(6, d))
+        self.blocks = nn.Sequential(*(PreLNBlock(d, 4) for _ in range(layers)))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.stem(x)) if self.functional else self.act(self.stem(x))
+        return self.head(self.ln_f(self.blocks(h + self.pos)))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_one_centring_op_where_the_stream_starts_at_a_nonlinear_map(functional: bool) -> None:
+    torch.manual_seed(0)
+    model = randomize_layernorms_and_heads(GeluStem(functional)).eval()
+    x = torch.randn(2, 6, 12)
+    r = layernorm_to_rmsnorm(model, mode="exact", example_inputs=x)
+    assert not r.skipped and set(conversions(r).values()) == {"exact"} and len(conversions(r)) == 5
+    ops = [c for c in r.changes if c.action == "centre_op"]
+    assert len(ops) == 1 and ops[0].details["layernorms_made_exact"] == 5 and ops[0].details["flops_per_token"] == 64
+    if functional:  # a pre-hook where the stream enters the blocks
+        assert ops[0].details["kind"] == "input" and ops[0].paths == ("blocks",)
+        assert [type(h).__name__ for h in r.module.blocks._forward_pre_hooks.values()] == ["CentreInput"]
+    else:  # a forward hook on the GELU module
+        assert ops[0].details["kind"] == "output" and ops[0].paths == ("act",)
+        assert [type(h).__name__ for h in r.module.act._forward_hooks.values()] == ["CentreOutput"]
+    assert not model.act._forward_hooks and not model.blocks._forward_pre_hooks  # the caller's model is untouched
+    assert_outputs_close(run_eval(r.module, (x,)), run_eval(model, (x,)), TOL, what="centring op")
+    assert_outputs_close(run_eval(copy.deepcopy(r.module), (x,)), run_eval(model, (x,)), TOL, what="deep copy")
+
+
+def test_a_centring_op_for_one_layernorm_is_not_worth_it() -> None:
+    torch.manual_seed(0)
+    model = randomize_layernorms_and_heads(GeluStem(False, layers=0)).eval()
+    x = torch.randn(2, 6, 12)
+    r = layernorm_to_rmsnorm(model, mode="auto", example_inputs=x)
+    assert conversions(r) == {"ln_f": "approx"} and not any(c.action == "centre_op" for c in r.changes)
+    why = next(c.details["reason"] for c in r.changes if c.action == "to_rmsnorm")
+    assert "act (GELU)" in why and "saves no more than it costs" in why
+
+
+def test_hf_traceable_restores_class_and_cache_even_on_error() -> None:
+    pytest.importorskip("transformers")
+    from normfold import hf
+    from tests.zoo.hf_families import FAMILIES
+
+    model, inputs = FAMILIES["gpt2"]()
+    cls = type(model)
+    assert model.config.use_cache is True
+    with pytest.raises(RuntimeError, match="boom"):
+        with hf.traceable(model, inputs) as positional:
+            assert model.config.use_cache is False and type(model) is not cls
+            out = run_eval(model, positional)
+            assert isinstance(out, tuple) and len(out) == 1 and out[0].shape == (2, 7, 100)  # logits, no cache
+            raise RuntimeError("boom")
+    assert type(model) is cls and model.config.use_cache is True
+    assert hf.flatten_output({"a": torch.ones(1), "b": None, "c": (torch.zeros(2), 3)})[1].shape == (2,)
