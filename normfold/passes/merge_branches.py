@@ -503,16 +503,16 @@ def _is_inplace(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
 class _BlockAnalysis:
     """Terms of every node of one traced block, and the regions worth one conv."""
 
-    def __init__(self, gm: torch.fx.GraphModule, block_path: str) -> None:
-        self.gm = gm
+    def __init__(self, graph: torch.fx.Graph, root: nn.Module, block_path: str) -> None:
+        self.root = root
         self.block_path = block_path
-        self.modules = dict(gm.named_modules())
+        self.modules = dict(root.named_modules())
         self.status: dict[torch.fx.Node, _Term | _Barrier | _Const] = {}
         self.absorbed: set[torch.fx.Node] = set()
         self.skips: list[tuple[tuple[str, ...], str]] = []
         #: the add node of each skip (its scope names the block to report it at)
         self.skip_nodes: list[torch.fx.Node] = []
-        for node in gm.graph.nodes:
+        for node in graph.nodes:
             self.status[node] = self._visit(node)
 
     def _skip(self, node: torch.fx.Node, paths: tuple[str, ...], reason: str) -> None:
@@ -531,7 +531,7 @@ class _BlockAnalysis:
 
     def _visit(self, node: torch.fx.Node) -> _Term | _Barrier | _Const:
         if node.op == "get_attr":
-            return _Const(_fetch(self.gm, node.target))
+            return _Const(_fetch(self.root, node.target))
         if node.op in ("placeholder", "output"):
             return _Barrier(node.op)
         args = [a for a in node.args]
@@ -734,19 +734,18 @@ class MergeBranches(Pass):
             except AttributeError:  # inside a block that a deeper merge already replaced
                 continue
             try:
-                gm = torch.fx.GraphModule(block, _Tracer(*self._tracer_args).trace(block),
-                                          class_name=f"Merged{type(block).__name__}")
+                graph = _Tracer(*self._tracer_args).trace(block)
             except Exception as exc:  # an untraceable block: its parent may still trace
                 log.debug("merge_branches: %s does not trace (%s)", path or "<model>", exc)
                 continue
             self._traced.add(path)
-            changes, skips = self._merge_block(gm, path)
+            changes, skips, gm = self._merge_block(block, graph, path)
             for paths, reason in skips:
                 # a parent block re-traces its children: report each refusal once, at the innermost block
                 if (paths[1:], reason) not in seen_skips:
                     seen_skips.add((paths[1:], reason))
                     result.skipped.append(Skip(PASS_NAME, paths, reason))
-            if not changes:
+            if gm is None or not changes:
                 continue
             merged_blocks += 1
             gm.train(block.training)
@@ -772,12 +771,12 @@ class MergeBranches(Pass):
         model does not trace, every module that may hold a region is tried, children first.
         """
         try:
-            gm = torch.fx.GraphModule(module, _Tracer(*self._tracer_args).trace(module))
+            graph = _Tracer(*self._tracer_args).trace(module)
         except Exception as exc:
             log.debug("merge_branches: the model does not trace as a whole (%s); trying each module", exc)
             # reversed pre-order visits every module after all of its descendants
             return [p for p, m in reversed(list(module.named_modules())) if self._worth_tracing(m)]
-        analysis = _BlockAnalysis(gm, "")
+        analysis = _BlockAnalysis(graph, module, "")
         found: set[str] = set()
         for node, st in analysis.status.items():
             if not isinstance(st, _Term) or not (st.merges or st.convs >= 2):
@@ -842,8 +841,10 @@ class MergeBranches(Pass):
             node = ins[0]
         return None
 
-    def _merge_block(self, gm: torch.fx.GraphModule, path: str) -> tuple[list[Change], list[tuple[tuple[str, ...], str]]]:
-        analysis = _BlockAnalysis(gm, path)
+    def _merge_block(self, block: nn.Module, graph: torch.fx.Graph, path: str
+                     ) -> tuple[list[Change], list[tuple[tuple[str, ...], str]], torch.fx.GraphModule | None]:
+        """Merge the regions of one traced block: (changes, skips, the block's replacement or None)."""
+        analysis = _BlockAnalysis(graph, block, path)
         skips = list(analysis.skips)
         changes: list[Change] = []
         tops = []
@@ -854,6 +855,10 @@ class MergeBranches(Pass):
         for node, st in analysis.status.items():
             if isinstance(st, _Term) and node not in absorbed:
                 tops.append(node)
+        if not any(st.merges or st.convs >= 2 for st in map(analysis.status.get, tops)):
+            return changes, skips, None
+        # the GraphModule shares the graph's nodes: the analysis stays valid for it
+        gm = torch.fx.GraphModule(block, graph, class_name=f"Merged{type(block).__name__}")
         for node in tops:
             self._materialize(gm, analysis, node, path, changes, skips)
         if changes:
@@ -865,7 +870,7 @@ class MergeBranches(Pass):
             gm.graph.lint()
             gm.delete_all_unused_submodules()
             gm.recompile()
-        return changes, skips
+        return changes, skips, gm
 
     def _materialize(self, gm: torch.fx.GraphModule, analysis: _BlockAnalysis, node: torch.fx.Node, path: str,
                      changes: list[Change], skips: list[tuple[tuple[str, ...], str]]) -> None:
