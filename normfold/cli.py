@@ -2,7 +2,8 @@
 
 Each subcommand is a class in ``normfold/commands/<name>.py`` whose docstring
 is its help text. A user mistake (any NormfoldError) prints one line naming
-the fix and exits 2 (1 for a failed check); ``-v`` shows the traceback.
+the fix and exits 2 (1 for a failed check); ``-v`` shows the traceback. See
+:func:`main` for how every other way of ending maps to an exit code.
 """
 
 from __future__ import annotations
@@ -61,34 +62,68 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     return parser, commands
 
 
+def _one_line(exc: BaseException) -> str:
+    head = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    return f"{type(exc).__name__}: {head[:300]}" if head else type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``normfold`` console script; returns the exit code."""
-    parser, commands = build_parser()
-    args = parser.parse_args(argv)
+    """Entry point of the ``normfold`` console script; returns the exit code.
+
+    Every way a command can end maps to one line and one code: 0 success,
+    1 a failed check or an unexpected error, 2 unusable input (any
+    NormfoldError, and model code calling ``sys.exit`` while it is loaded),
+    130 interrupted (Ctrl-C). Nothing is left to end the process with a
+    traceback or a silent exit 0; ``-v`` prints the traceback as well.
+    """
+    try:
+        parser, commands = build_parser()
+    except KeyboardInterrupt:
+        print("normfold: interrupted", file=sys.stderr)
+        return 130
+    args = parser.parse_args(argv)  # --help / --version / usage errors exit here, through argparse
     if not args.command:
         parser.print_help()
         return 2
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from normfold.commands._common import make_console
+    from normfold.commands._checking import strip_ansi
+    from normfold.commands._common import make_console, quiet_tracing
 
     console = make_console(quiet=getattr(args, "quiet", False))
-    with warnings.catch_warnings():
-        if not verbose:
-            # torch's tracing and export warnings are for library authors, not for this command's user
-            warnings.simplefilter("ignore")
-        try:
-            return int(commands[args.command].run(args, console))
-        except NormfoldError as exc:
-            if verbose:
-                import traceback
+    prefix = f"normfold {args.command}"
 
-                traceback.print_exc()
-            print(f"normfold {args.command}: error: {exc}", file=sys.stderr)
-            return exc.exit_code
-        except KeyboardInterrupt:
-            print(f"normfold {args.command}: interrupted", file=sys.stderr)
-            return 130
+    def traceback_if_verbose() -> None:
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+
+    try:
+        # -q: nothing but the final line on stdout, and nothing from torch's tracers on stderr (the error
+        # lines below are printed after the redirection ends)
+        with warnings.catch_warnings(), quiet_tracing(enabled=not verbose, stderr=getattr(args, "quiet", False)):
+            if not verbose:
+                # torch's tracing and export warnings are for library authors, not for this command's user
+                warnings.simplefilter("ignore")
+            return int(commands[args.command].run(args, console))
+    except NormfoldError as exc:
+        traceback_if_verbose()
+        print(f"{prefix}: error: {strip_ansi(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        traceback_if_verbose()
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:
+        # not argparse (that exits before run): the model's own code called sys.exit mid-command
+        traceback_if_verbose()
+        print(f"{prefix}: failed: code run by the command called sys.exit({exc.code!r})", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug here or in the model's code: still one line and a failing code
+        traceback_if_verbose()
+        print(f"{prefix}: failed: {strip_ansi(_one_line(exc))} (-v shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,6 +9,7 @@ report most when it failed), atomically.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,10 @@ from normfold.check.probes import DEFAULT_BATCH_SIZES
 from normfold.check.report import CheckReport
 from normfold.commands._common import final_line
 from normfold.errors import UsageError
-from normfold.io import atomic_write, check_output_path
+from normfold.io import atomic_write
 
 __all__ = ["add_check_arguments", "add_report_arguments", "run_check", "print_report", "write_reports",
-           "parse_batch_sizes", "finish"]
+           "parse_batch_sizes", "finish", "check_report_paths", "strip_ansi"]
 
 
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,14 +65,15 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def _check_report_paths(args: argparse.Namespace, inputs: list[str]) -> None:
+def check_report_paths(args: argparse.Namespace) -> None:
+    """Refuse unwritable --json / --junit-xml paths (and input files) before any work, naming the flag."""
+    from normfold.commands._common import check_output
+
+    inputs = [getattr(args, "model", ""), getattr(args, "candidate", "") or "", getattr(args, "onnx", "") or ""]
     for flag in ("json", "junit_xml"):
         value = getattr(args, flag, None)
         if value:
-            check_output_path(value, None)
-            for src in inputs:
-                if src and Path(src).exists() and Path(value).exists() and Path(value).resolve() == Path(src).resolve():
-                    raise UsageError(f"--{flag.replace('_', '-')} {value} is an input file; pass another path")
+            check_output(value, f"--{flag.replace('_', '-')}", *inputs)
 
 
 def run_check(args: argparse.Namespace, console: Console, reference: Any, **kwargs: Any) -> CheckReport:
@@ -84,8 +86,7 @@ def run_check(args: argparse.Namespace, console: Console, reference: Any, **kwar
         raise UsageError(f"--scale-tol {args.scale_tol} must be >= 0")
     if getattr(args, "threads", None) is not None and args.threads < 1:
         raise UsageError(f"--threads {args.threads} must be a positive integer")
-    _check_report_paths(args, [getattr(args, "model", ""), getattr(args, "candidate", "") or "",
-                               getattr(args, "onnx", "") or ""])
+    check_report_paths(args)
     with console.status("checking") as status:
         def progress(msg: str) -> None:
             status.update(msg)
@@ -108,15 +109,24 @@ def print_report(console: Console, report: CheckReport, *, verbose: bool = False
 
 
 def write_reports(args: argparse.Namespace, report: CheckReport, console: Console) -> None:
-    """--json and --junit-xml, atomically."""
+    """--json and --junit-xml, atomically, for a check that completed (pass or fail); never terminal escapes."""
     for flag, text in (("json", report.to_json), ("junit_xml", report.to_junit_xml)):
         value = getattr(args, flag, None)
         if not value:
             continue
-        out = check_output_path(value, None)
-        body = text()
+        out = Path(value)
+        body = strip_ansi(text())
         atomic_write(out, lambda tmp, body=body: Path(tmp).write_text(body, encoding="utf-8"))
         console.print(f"wrote {out}", markup=False, highlight=False)
+
+
+#: ANSI/VT100 escape sequences (colour, cursor movement) that tracers and exporters put in error messages
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[@-Z\\-_]")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal escape sequences: report files are read by CI tools, not terminals."""
+    return _ANSI.sub("", text)
 
 
 def finish(args: argparse.Namespace, console: Console, report: CheckReport) -> int:

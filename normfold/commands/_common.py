@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -77,7 +78,7 @@ def add_output_argument(p: argparse.ArgumentParser, step: str) -> None:
 
 
 def load_from_args(args: argparse.Namespace, console: Console | None = None, *, path: str | None = None,
-                   what: str = "MODEL") -> LoadedModel:
+                   what: str = "MODEL", as_is: bool = False) -> LoadedModel:
     """Load MODEL (or ``path``) and turn it into its eval form (:func:`normfold.pipeline.eval_form`).
 
     A state_dict has no mode and a pickled module saved in training mode is
@@ -85,7 +86,8 @@ def load_from_args(args: argparse.Namespace, console: Console | None = None, *, 
     saying so in one line when the file itself was in training mode. A .pt2's
     module is wrapped so that it runs (and compares) in eval; ``loaded.module``
     is the eval form afterwards. Model code that calls ``sys.exit`` while the
-    model is built is unusable input (exit 2), not a silent exit 0.
+    model is built is unusable input (exit 2), not a silent exit 0. ``as_is``
+    keeps the model as it was saved (a .pt2 only wrapped so that it runs).
     """
     from normfold.errors import ModelLoadError
     from normfold.pipeline import eval_form
@@ -97,6 +99,11 @@ def load_from_args(args: argparse.Namespace, console: Console | None = None, *, 
         how = f" with --arch {args.arch}" if args.arch else ""
         raise ModelLoadError(f"building {what} {target}{how} called sys.exit({exc.code!r}); name a factory that "
                              "returns the model") from None
+    if as_is:  # a candidate under check: its training-mode layers are for the check to find
+        from normfold.pipeline import as_module
+
+        loaded.module = as_module(loaded)
+        return loaded
     module, note = eval_form(loaded)
     loaded.module = module
     if note and console is not None:
@@ -130,12 +137,12 @@ def check_output(value: str | Path, flag: str, *inputs: Any) -> Path:
 
 def resolve_inputs(args: argparse.Namespace, model: nn.Module, console: Console) -> tuple[torch.Tensor, ...]:
     """Seeded inputs from --input-shape, or from a shape inferred from the first layer (said on one line)."""
-    from normfold.pipeline import check_input_size
+    from normfold.pipeline import DEFAULT_MAX_INPUT_BYTES, check_input_size
 
     dtype, device = model_dtype_device(model)
     if args.input_shape:
         shapes = [parse_shape(s) for s in args.input_shape]
-        check_input_size(shapes, dtype, limit=getattr(args, "max_input_bytes", None))
+        check_input_size(shapes, dtype, limit=getattr(args, "max_input_bytes", DEFAULT_MAX_INPUT_BYTES))
         inputs = random_inputs(shapes, seed=args.seed, dtype=dtype, device=device)
         try:
             run_model(model, inputs)
@@ -146,6 +153,16 @@ def resolve_inputs(args: argparse.Namespace, model: nn.Module, console: Console)
                              "pass the shape its forward() expects") from exc
         args.example_inputs = inputs  # for writing a .pt2 (-o x.pt2 re-exports with them)
         return inputs
+    from normfold.pipeline import ExportedModel
+
+    if isinstance(model, ExportedModel):
+        like = model.example_inputs(seed=args.seed)
+        if like is None:
+            raise InputError(f"{args.model}: the program does not record its example inputs; pass --input-shape")
+        console.print(f"[dim]inputs shaped like the program's example inputs: "
+                      f"{', '.join(','.join(map(str, x.shape)) for x in like)} (pass --input-shape to choose)[/dim]")
+        args.example_inputs = like
+        return like
     inferred = infer_input_shapes(model)
     console.print(f"[dim]{inferred.reason}[/dim]")
     inputs = random_inputs(inferred.shapes, seed=args.seed, dtype=dtype, device=device,
@@ -215,12 +232,15 @@ def working_copy(module: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def quiet_tracing(*, enabled: bool = True) -> Iterator[None]:
+def quiet_tracing(*, enabled: bool = True, stderr: bool = True) -> Iterator[None]:
     """Silence what torch.fx / torch.export print while normfold traces a model (graph dumps, guard logs).
 
-    Those messages are written for torch developers through the ``torch``
-    loggers and ``warnings``; a command's user acts on normfold's own lines
-    (a Skip with its reason), and ``-v`` (``enabled=False``) shows them all.
+    Those messages are written for torch developers: through the ``torch``
+    loggers, ``warnings``, and (torch.export's partial graph on a failed
+    trace) a bare ``print(..., file=sys.stderr)``, which only redirecting
+    ``sys.stderr`` (``stderr=True``) stops. A command's user acts on
+    normfold's own lines (a Skip with its reason); ``-v`` (``enabled=False``)
+    shows everything.
     """
     if not enabled:
         yield
@@ -230,8 +250,10 @@ def quiet_tracing(*, enabled: bool = True) -> Iterator[None]:
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.ExitStack() as stack:
             warnings.simplefilter("ignore")
+            if stderr:
+                stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
             yield
     finally:
         for lg, level in zip(loggers, levels):

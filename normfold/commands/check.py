@@ -28,11 +28,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from normfold.commands._checking import add_check_arguments, finish, run_check
-from normfold.commands._common import Command, add_model_arguments, load_from_args
+import torch
+
+from normfold.commands._checking import add_check_arguments, check_report_paths, finish, run_check
+from normfold.commands._common import Command, add_model_arguments, add_safety_arguments, check_output, load_from_args
 from normfold.errors import UsageError
 from normfold.inputs import parse_shape
-from normfold.io import load_model
 
 
 class CheckCommand(Command):
@@ -50,6 +51,7 @@ class CheckCommand(Command):
         p.add_argument("--opset", type=int, default=None, help="opset of the export (default: chosen from the "
                                                                "model's norm layers)")
         add_check_arguments(p)
+        add_safety_arguments(p, noop=False)
 
     def run(self, args: argparse.Namespace, console: Console) -> int:
         if Path(args.model).suffix == ".onnx":
@@ -65,12 +67,36 @@ class CheckCommand(Command):
             raise UsageError(f"--save-onnx {args.save_onnx}: give the file a .onnx suffix")
         if args.opset is not None and args.opset < 7:
             raise UsageError(f"--opset {args.opset} is not an ONNX opset onnxruntime runs; use 18 or later")
-        loaded = load_from_args(args)
+        if args.candidate and Path(args.candidate).exists() and Path(args.candidate).resolve() == \
+                Path(args.model).resolve():
+            raise UsageError("--candidate is MODEL itself; pass the transformed model file")
+        if args.save_onnx:
+            check_output(args.save_onnx, "--save-onnx", args.model, args.candidate)
+        check_report_paths(args)
+        if args.input_shape:
+            from normfold.pipeline import DEFAULT_MAX_INPUT_BYTES, check_input_size
+
+            check_input_size([parse_shape(s) for s in args.input_shape], torch.float32,
+                             limit=getattr(args, "max_input_bytes", DEFAULT_MAX_INPUT_BYTES))
+        loaded = load_from_args(args, console)
         candidate = None
         if args.candidate:
-            if Path(args.candidate).resolve() == Path(args.model).resolve():
-                raise UsageError("--candidate is MODEL itself; pass the transformed model file")
-            candidate = load_model(args.candidate, trust=args.trust, arch=args.arch).module
+            candidate = load_from_args(args, console, path=args.candidate, what="--candidate", as_is=True).module
+        exported_from = candidate if candidate is not None else loaded.module
+        fixed = getattr(exported_from, "fixed_batch", None)
+        if fixed is not None and not args.onnx and not args.no_export:
+            console.print(f"{args.candidate or args.model} was exported with a fixed batch of {fixed}, which its ONNX "
+                          "export cannot make dynamic: checked in PyTorch only (pass --onnx FILE to check an ONNX "
+                          "file too)", markup=False, highlight=False)
+            args.no_export = True
+        if loaded.kind == "exported" and not args.input_shape and not args.inputs:
+            args.inputs = None
+            like = loaded.module.example_inputs(seed=args.seed)
+            if like is None:
+                raise UsageError(f"{args.model}: the program does not record its example inputs; pass --input-shape")
+            report = run_check(args, console, loaded.module, candidate=candidate, onnx=args.onnx, inputs=like,
+                               seed=args.seed, export=not args.no_export, opset=args.opset, save_onnx=args.save_onnx)
+            return finish(args, console, report)
         shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape else None
         report = run_check(args, console, loaded.module, candidate=candidate, onnx=args.onnx, inputs=args.inputs,
                            input_shapes=shapes, seed=args.seed, export=not args.no_export, opset=args.opset,

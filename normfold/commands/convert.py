@@ -12,26 +12,28 @@
 
 Loads MODEL, converts, compares the result with the original on seeded
 inputs, and writes it beside the input as <stem>.<target><suffix> (or -o OUT),
-never over the input. Exit 0 when written, 1 when an exact conversion does not
-match the original or an approximate one gives non-finite outputs (nothing is
-written then), 2 on bad input.
+never over the input. A state_dict (no mode) and a pickled module saved in
+training mode are converted in their eval form. Exit 0 when written; 1 when
+an exact conversion does not match the original, an approximate one gives
+non-finite outputs, or nothing was converted (--allow-noop accepts that);
+nothing is written then; 2 on bad input. --calibration-data FOLDER reads
+images as `recalibrate --data` does (--image-size, --mean, --std).
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from normfold.commands._common import (Command, add_model_arguments, add_output_argument, final_line,
-                                       load_from_args, output_path, print_comparison, print_pass_result,
-                                       resolve_inputs, verify, working_copy, write_model)
-from normfold.errors import InputError, UsageError
-from normfold.io import check_output_path
+from normfold.commands._common import (Command, add_model_arguments, add_output_argument, add_safety_arguments,
+                                       check_output, final_line, load_from_args, output_path, print_comparison,
+                                       print_pass_result, resolve_inputs, verify, working_copy, write_model)
+from normfold.errors import UsageError
+from normfold.pipeline import RewriteOutcome
 from normfold.passes.base import PassResult
 
 __all__ = ["ConvertCommand", "TARGETS"]
@@ -55,53 +57,68 @@ class ConvertCommand(Command):
         p.add_argument("--sequential", action="store_true",
                        help="--to groupnorm with --calibration-data: fit the layers one after the other, each on "
                             "the inputs the converted layers before it produce (better; one pass per layer)")
+        p.add_argument("--image-size", metavar="H[,W]", help="--calibration-data FOLDER: resize images to H x W "
+                                                             "(default: their own size, the same for all)")
+        p.add_argument("--mean", metavar="M[,M,...]", help="--calibration-data FOLDER: per-channel mean subtracted "
+                                                           "from images scaled to [0, 1]")
+        p.add_argument("--std", metavar="S[,S,...]", help="--calibration-data FOLDER: per-channel std images are "
+                                                          "divided by")
         p.add_argument("--batch-size", type=int, default=32, metavar="N",
                        help="--calibration-data: samples per forward pass (default 32)")
         p.add_argument("--mode", choices=RMS_MODES, help="--to rmsnorm: exact (centre the residual streams, skip "
                                                          "where impossible), approx, or auto (default)")
         add_output_argument(p, "<target>")
+        add_safety_arguments(p)
 
     def run(self, args: argparse.Namespace, console: Console) -> int:
         self._check_flags(args)
-        loaded = load_from_args(args)
+        step = args.to
+        if args.output:
+            check_output(args.output, "-o", args.model, args.calibration_data)
+        loaded = load_from_args(args, console)
         if loaded.kind == "exported":
             raise UsageError(f"{loaded.path} is an ExportedProgram (.pt2): its norm layers are graph ops, not "
                              "modules to replace; convert the nn.Module (a .pt state_dict with --arch, or a "
                              "pickled module with --trust)")
-        step = args.to
-        check_output_path(output_path(args, loaded, step), loaded.path)  # a bad -o fails before the work
+        check_output(output_path(args, loaded, step), "-o", args.model)  # a bad -o fails before the work
         original = loaded.module
         inputs = resolve_inputs(args, original, console)
         result, exact = self._convert(args, original, inputs, console)
         print_pass_result(console, result, title=f"convert --to {step}", verbose=args.verbose)
-        v = verify(original, result.module, inputs)
+        n = converted_count(result)
+        others = len(result.changes) - n
+        edits = f" (and {others} other edit(s) that make it exact: centring, untying, folded scales)" if others else ""
+        if n == 0 and not args.allow_noop:
+            final_line(f"FAILED: nothing converted to {step} (left {len(result.skipped)} alone; the reasons are "
+                       "listed above); nothing written; pass --allow-noop to accept")
+            return 1
+        outcome = RewriteOutcome(result=result, verification=verify(original, result.module, inputs), exact=exact)
+        v = outcome.verification
         if exact:
             print_comparison(console, v)
         else:
             _print_error(console, v)
-        n = len(result.changes)
-        if exact:
-            if not v.passed:
+        if not outcome.passed:
+            if exact:
                 final_line(f"FAILED: the converted model differs from the original (max abs error {v.max_abs:.3g}, "
                            f"max rel error {v.max_rel:.3g}); nothing written")
-                return 1
-        else:
-            # approximate: a difference is expected and reported; only broken outputs stop the write
-            broken = [c for c in v.comparisons if c.problem and not c.problem.startswith("max abs error")]
-            if broken:
-                final_line(f"FAILED: the converted model's output {broken[0].name}: {broken[0].problem}; "
-                           "nothing written")
-                return 1
+            else:
+                broken = outcome.broken_outputs()[0]
+                final_line(f"FAILED: the converted model's output {broken.name} is unusable ({broken.nan_count} NaN, "
+                           f"{broken.inf_count} Inf, shape {'x'.join(map(str, broken.candidate_shape))} for "
+                           f"{'x'.join(map(str, broken.reference_shape))}); nothing written")
+            return 1
         out = write_model(args, loaded, result.module, step)
         how = "exact" if exact else "approximate"
-        final_line(f"converted {n} layer(s) to {step} ({how}), left {len(result.skipped)} alone; max abs error "
-                   f"{v.max_abs:.3g}, max rel error {v.max_rel:.3g}; wrote {out}")
+        final_line(f"converted {n} layer(s) to {step} ({how}){edits}, left {len(result.skipped)} alone; max abs "
+                   f"error {v.max_abs:.3g}, max rel error {v.max_rel:.3g}; wrote {out}")
         return 0
 
     @staticmethod
     def _check_flags(args: argparse.Namespace) -> None:
         gn_only = [f for f, v in (("--groups", args.groups), ("--calibration-data", args.calibration_data),
-                                  ("--sequential", args.sequential or None)) if v is not None]
+                                  ("--sequential", args.sequential or None), ("--image-size", args.image_size),
+                                  ("--mean", args.mean), ("--std", args.std)) if v is not None]
         if args.to != "groupnorm" and gn_only:
             verb, obj = ("applies", "it") if len(gn_only) == 1 else ("apply", "them")
             raise UsageError(f"{', '.join(gn_only)} only {verb} to --to groupnorm; drop {obj} for --to {args.to}")
@@ -111,6 +128,10 @@ class ConvertCommand(Command):
             raise UsageError(f"--groups {args.groups} must be a positive integer")
         if args.batch_size < 1:
             raise UsageError(f"--batch-size {args.batch_size} must be a positive integer")
+        image_flags = [f for f, v in (("--image-size", args.image_size), ("--mean", args.mean), ("--std", args.std))
+                       if v is not None]
+        if image_flags and args.calibration_data is None:
+            raise UsageError(f"{', '.join(image_flags)} describe(s) the images of --calibration-data FOLDER: pass it too")
         if args.sequential and args.calibration_data is None:
             raise UsageError("--sequential refines the warm start: pass --calibration-data PATH too")
 
@@ -124,14 +145,11 @@ class ConvertCommand(Command):
 
             data: Any = None
             if args.calibration_data is not None:
-                from normfold.commands.recalibrate import load_data
+                from normfold.data import load_data
 
-                try:
-                    data, description = load_data(Path(args.calibration_data), model=original,
-                                                  batch_size=args.batch_size)
-                except (InputError, UsageError) as exc:
-                    # the reader is recalibrate's: its messages name that command's flag
-                    raise type(exc)(str(exc).replace("--data", "--calibration-data")) from exc
+                data, description = load_data(args.calibration_data, model=original, batch_size=args.batch_size,
+                                              image_size=args.image_size, mean=args.mean, std=args.std,
+                                              seed=args.seed, flag="--calibration-data")
                 console.print(f"[dim]calibration data: {description}[/dim]")
                 if hasattr(data, "shape"):  # a tensor: batch it here, the pass takes it in slices
                     data = list(data.split(args.batch_size))
@@ -159,6 +177,16 @@ class ConvertCommand(Command):
         return result, not result.metrics.get("layers_approx")
 
 
+#: Change actions that replace a norm layer (the other changes of a conversion, such as centring the residual
+#: stream for an exact RMSNorm, are edits that make the replacement exact, not converted layers)
+CONVERSIONS = ("replace", "to_syncbn", "from_syncbn", "freeze", "unfreeze", "to_rmsnorm")
+
+
+def converted_count(result: PassResult) -> int:
+    """Norm layers the conversion replaced."""
+    return sum(1 for c in result.changes if c.action in CONVERSIONS)
+
+
 def _print_error(console: Console, v: Any) -> None:
     """The output error of an approximate conversion: measured and shown, not held to a tolerance."""
     t = Table(title="outputs vs the original (approximate conversion: measured, not checked)", title_justify="left")
@@ -166,5 +194,5 @@ def _print_error(console: Console, v: Any) -> None:
         t.add_column(col)
     for c in v.comparisons:
         t.add_row(c.name, "x".join(map(str, c.candidate_shape)), f"{c.max_abs:.3g}", f"{c.max_rel:.3g}",
-                  f"{c.mean_abs:.3g}" if c.problem is None or c.problem.startswith("max abs error") else c.problem)
+                  f"{c.mean_abs:.3g}" if not (c.nan_count or c.inf_count) else c.problem or "non-finite")
     console.print(t)

@@ -21,11 +21,11 @@ from pathlib import Path
 from rich.console import Console
 
 from normfold.commands._checking import print_report
-from normfold.commands._common import Command, add_model_arguments, final_line, load_from_args, resolve_inputs
+from normfold.commands._common import (Command, add_model_arguments, add_safety_arguments, check_output, final_line,
+                                       load_from_args, resolve_inputs)
 from normfold.check.checker import check
 from normfold.errors import UsageError
 from normfold.export import export_onnx, move_onnx
-from normfold.io import check_output_path
 
 
 class ExportCommand(Command):
@@ -38,6 +38,7 @@ class ExportCommand(Command):
         p.add_argument("--static-batch", action="store_true", help="fix the batch dimension to the example's")
         p.add_argument("--provider", metavar="LIST", default="cuda,cpu",
                        help="onnxruntime providers for the output check (default cuda,cpu)")
+        add_safety_arguments(p, noop=False)
 
     def run(self, args: argparse.Namespace, console: Console) -> int:
         out = Path(args.output) if args.output else Path(args.model).with_name(Path(args.model).stem + ".onnx")
@@ -45,10 +46,16 @@ class ExportCommand(Command):
             raise UsageError(f"-o {out}: give the ONNX file a .onnx suffix")
         if args.opset is not None and args.opset < 7:
             raise UsageError(f"--opset {args.opset} is not an ONNX opset onnxruntime runs; use 18 or later")
-        check_output_path(out, args.model)
-        loaded = load_from_args(args)
+        check_output(out, "-o", args.model)
+        loaded = load_from_args(args, console)
         model = loaded.module
         inputs = resolve_inputs(args, model, console)
+        fixed = getattr(model, "fixed_batch", None)  # a .pt2 exported with a static batch
+        if fixed is not None and not args.static_batch:
+            console.print(f"{args.model} was exported with a fixed batch of {fixed}: the ONNX model gets the same "
+                          "fixed batch (re-export the program with a dynamic batch for a dynamic one)",
+                          markup=False, highlight=False)
+            args.static_batch = True
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
             with console.status("exporting (torch.onnx.export, dynamo)"):

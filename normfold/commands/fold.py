@@ -2,10 +2,19 @@
 
 Loads MODEL, folds every BatchNorm that can be folded exactly, compares the
 folded model with the original on seeded inputs, and writes it beside the
-input as <stem>.folded<suffix> (or -o OUT), never over the input. Prints what
-was folded, what was left alone and why, and the max abs and relative error.
-Exit 0 when the folded model matches, 1 when it does not (nothing is written
-then), 2 on bad input.
+input (or -o OUT), never over the input. Prints what was folded, what was
+left alone and why, and the max abs and relative error.
+
+The model folded is the one you deploy: its eval form. A state_dict has no
+mode (torchvision and timm factories build models in training mode) and is
+folded in eval; a pickled module saved in training mode is folded in its eval
+form, which one line says. A model that does not trace whole (data-dependent
+control flow in its forward) is folded part by part: every submodule that
+traces is folded, and the code that does not is listed with the reason.
+
+Exit 0 when the folded model matches; 1 when it does not, or when nothing
+could be folded (a CI step must not pass on a no-op: --allow-noop accepts
+it); nothing is written then; 2 on bad input.
 
 --onnx OUT.onnx also exports the folded model (dynamo exporter, dynamic batch)
 and compares it in onnxruntime with the original; --check runs the full
@@ -26,16 +35,19 @@ from rich.console import Console
 import torch
 
 from normfold.check.compare import compare_outputs
-from normfold.commands._common import (Command, Verification, add_model_arguments, add_output_argument, final_line,
-                                       load_from_args, output_path, print_comparison, print_pass_result,
-                                       resolve_inputs, verify, working_copy, write_model)
-from normfold.commands._checking import add_check_arguments, print_report, run_check, write_reports
+from normfold.commands._common import (Command, Verification, add_model_arguments, add_output_argument,
+                                       add_safety_arguments, check_output, final_line, load_from_args, output_path,
+                                       print_comparison, print_pass_result, quiet_tracing, resolve_inputs, verify,
+                                       working_copy, write_model)
+from normfold.commands._checking import add_check_arguments, check_report_paths, print_report, run_check, \
+    write_reports
 from normfold.errors import InputError, UsageError
 from normfold.export import move_onnx
 from normfold.inputs import parse_shape, random_inputs
-from normfold.io import LoadedModel, check_output_path
+from normfold.io import LoadedModel
 from normfold.tolerances import for_dtype
 from normfold.passes.fold_batchnorm import fold_batchnorm
+from normfold.passes.piecewise import piecewise
 
 
 class FoldCommand(Command):
@@ -48,13 +60,20 @@ class FoldCommand(Command):
         p.add_argument("--check", action="store_true", help="run the full checker (probes, report) before writing")
         p.add_argument("--opset", type=int, default=None, help="ONNX opset of --onnx (default: from the norm layers)")
         add_check_arguments(p)
+        add_safety_arguments(p)
 
     def run(self, args: argparse.Namespace, console: Console) -> int:
+        # every output is refused before the work, not after it
         if args.onnx is not None:
             if Path(args.onnx).suffix != ".onnx":
                 raise UsageError(f"--onnx {args.onnx}: give the ONNX file a .onnx suffix")
-            check_output_path(args.onnx, args.model)
-        loaded = load_from_args(args)
+            check_output(args.onnx, "--onnx", args.model)
+        if args.output:
+            check_output(args.output, "-o", args.model)
+        check_report_paths(args)
+        loaded = load_from_args(args, console)
+        if not args.output:
+            check_output(output_path(args, loaded, "folded"), "-o", args.model)
         if loaded.kind == "exported":
             if args.onnx or args.check:
                 raise UsageError("--onnx and --check work on nn.Module models; fold the .pt2, then run "
@@ -62,8 +81,11 @@ class FoldCommand(Command):
             return _fold_exported(args, console, loaded)
         original = loaded.module
         inputs = resolve_inputs(args, original, console)
-        result = fold_batchnorm(working_copy(original), inplace=True, example_inputs=inputs)
+        with quiet_tracing(enabled=not args.verbose):  # a failed trace prints its partial graph on stderr
+            result = piecewise(fold_batchnorm, working_copy(original), inplace=True, example_inputs=inputs)
         print_pass_result(console, result, title="fold_batchnorm", verbose=args.verbose)
+        if _refuse_noop(args, result):
+            return 1
         v = verify(original, result.module, inputs)
         print_comparison(console, v)
         if not v.passed:
@@ -76,6 +98,15 @@ class FoldCommand(Command):
                        f"wrote {out}")
             return 0
         return _export_and_check(args, console, loaded, original, result.module, inputs, fold_summary(result))
+
+
+def _refuse_noop(args: argparse.Namespace, result) -> bool:
+    """A fold that folded nothing is not a success (a CI step must not pass on it) unless --allow-noop."""
+    if folded_count(result) or args.allow_noop:
+        return False
+    final_line(f"FAILED: nothing folded ({fold_summary(result)}; the reasons are listed above); nothing written; "
+               "pass --allow-noop to accept a model with nothing to fold")
+    return True
 
 
 def _export_and_check(args: argparse.Namespace, console: Console, loaded: LoadedModel, original: torch.nn.Module,
@@ -133,6 +164,8 @@ def _fold_exported(args: argparse.Namespace, console: Console, loaded: LoadedMod
                          "pass --input-shape with a shape it was exported for") from exc
     result = fold_exported_program(program)
     print_pass_result(console, result, title="fold_batchnorm (ATen, .pt2)", verbose=args.verbose)
+    if _refuse_noop(args, result):
+        return 1
     with torch.no_grad():
         cand_out = result.program.module()(*inputs)
     floating = [x for x in inputs if x.is_floating_point()]
@@ -149,9 +182,14 @@ def _fold_exported(args: argparse.Namespace, console: Console, loaded: LoadedMod
     return 0
 
 
+def folded_count(result) -> int:
+    """BatchNorm layers folded (bakes of weight standardization are not folds)."""
+    return sum(1 for c in result.changes if c.action.startswith("fold"))
+
+
 def fold_summary(result) -> str:
     """"folded N BatchNorm layer(s)[, baked M weight standardization(s)], left K alone"."""
-    folds = sum(1 for c in result.changes if c.action.startswith("fold"))
+    folds = folded_count(result)
     bakes = len(result.changes) - folds
     baked = f", baked {bakes} weight standardization(s)" if bakes else ""
     return f"folded {folds} BatchNorm layer(s){baked}, left {len(result.skipped)} alone"

@@ -24,7 +24,7 @@ from torch import nn
 
 from normfold.errors import NormfoldError, PassError
 
-__all__ = ["Change", "Skip", "PassResult", "Pass", "PassManager", "copy_module"]
+__all__ = ["Change", "Skip", "PassResult", "Pass", "PassManager", "copy_module", "pass_name"]
 
 log = logging.getLogger(__name__)
 
@@ -179,40 +179,60 @@ class Pass(abc.ABC):
         return f"{type(self).__name__}()"
 
 
+def pass_name(p: Any) -> str:
+    """The name a pass is reported under: ``Pass.name``, else the function's (or partial's) ``__name__``."""
+    name = getattr(p, "name", None)
+    if isinstance(name, str):
+        return name
+    func = getattr(p, "func", p)  # functools.partial(nf.fold_batchnorm, example_inputs=x)
+    return getattr(func, "__name__", type(p).__name__)
+
+
 class PassManager:
     """Runs passes in order, feeding each the previous one's module.
 
-    The returned PassResult concatenates changes and skips. If a pass raises,
-    the error is re-raised as :class:`PassError` naming the pass that failed
-    and the passes that had run.
+    A pass is a :class:`Pass` instance or any callable with the public pass
+    functions' signature, ``fn(module, *, inplace=...) -> PassResult``
+    (``nf.fold_batchnorm``, ``nf.freeze_batchnorm``, or a
+    ``functools.partial`` of one that binds its options). The returned
+    PassResult concatenates changes and skips. If a pass raises, the error is
+    re-raised as :class:`PassError` naming the pass that failed and the passes
+    that had run.
     """
 
-    def __init__(self, passes: Sequence[Pass] | Iterable[Pass]) -> None:
+    def __init__(self, passes: Sequence[Any] | Iterable[Any]) -> None:
         self.passes = list(passes)
+        for p in self.passes:
+            if not callable(p):
+                raise NormfoldError(f"PassManager: {p!r} is not a pass; pass Pass instances or pass functions "
+                                    "such as nf.fold_batchnorm")
 
     def __call__(self, module: nn.Module, *, inplace: bool = False) -> PassResult:
         total = PassResult(module=module)
         ran: list[str] = []
         current = module
         for i, p in enumerate(self.passes):
+            name = pass_name(p)
             try:
                 # Only the first pass may need a copy; the rest work on that copy.
                 r = p(current, inplace=inplace or i > 0)
-            except NormfoldError:
-                # a user-facing error already says what to do; wrapping it would hide its class and exit code
+            except PassError:
                 raise
             except Exception as exc:
                 before = ", ".join(ran) if ran else "none"
                 raise PassError(
-                    f"pass {p.name!r} failed ({type(exc).__name__}: {exc}); passes that ran before it: {before}",
-                    pass_name=p.name,
+                    f"pass {name!r} failed ({type(exc).__name__}: {exc}); passes that ran before it: {before}",
+                    pass_name=name,
                     ran=ran,
                 ) from exc
-            ran.append(p.name)
+            if not isinstance(r, PassResult):
+                raise PassError(f"pass {name!r} returned {type(r).__name__}, not a PassResult; PassManager runs "
+                                "normfold passes and functions that return one", pass_name=name, ran=ran)
+            ran.append(name)
             current = r.module
             total.changes.extend(r.changes)
             total.skipped.extend(r.skipped)
             for k, v in r.metrics.items():
-                total.metrics[f"{p.name}.{k}"] = v
+                total.metrics[f"{name}.{k}"] = v
         total.module = current
         return total

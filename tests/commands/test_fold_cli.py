@@ -38,7 +38,7 @@ def test_fold_state_dict_writes_folded_model_beside_input(state_dict_file: Path,
     assert out_path.exists()
     assert _digest(state_dict_file) == before
     assert "folded 5 BatchNorm layer(s), left 1 alone" in out
-    assert "skip_conv output has 2 users" in out
+    assert "skip_conv" in out and "output has 2 users" in out
     folded = nf.load(out_path, arch=ARCH)
     original = build_demo_model(seed=3)
     x = torch.randn(5, 3, 32, 32) * 3 + 1
@@ -152,4 +152,5 @@ def test_fold_pt2_writes_pt2_without_warnings_and_inspect_says_what_to_run(tmp_p
     assert (tmp_path / "prog.folded.pt2").exists()
     assert "folded" in out.splitlines()[-1]
     code, out, err = _run(["inspect", str(src)], capsys)
-    assert code == 2 and "normfold fold" in err and "Traceback" not in err
+    assert code == 0, err  # inspect reads a .pt2 too: its batch_norm ops and what folds
+    assert "can be folded" in out.splitlines()[-1]

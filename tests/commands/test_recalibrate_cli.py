@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from normfold.commands.recalibrate import visiting_order
+from normfold.data import visiting_order
 import normfold as nf
 from normfold.demo import build_demo_model
 from normfold.recalibrate import recalibrate
