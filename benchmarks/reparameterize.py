@@ -17,6 +17,7 @@ Usage::
 
     python benchmarks/reparameterize.py                    # the default list (all five families)
     python benchmarks/reparameterize.py repvgg_a0 fastvit_t8 --runs 30
+    python benchmarks/reparameterize.py --all --no-latency --size 64   # every Rep* model in timm: counts, error
 
 Prints one line per model as it goes, then the markdown table.
 """
@@ -82,13 +83,13 @@ def _latencies(models: dict[str, nn.Module], x: torch.Tensor, runs: int) -> dict
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench(name: str, runs: int) -> dict[str, object]:
+def bench(name: str, runs: int, size: int | None = None) -> dict[str, object]:
     import timm
     from timm.utils.model import reparameterize_model
 
     torch.manual_seed(0)
     model = randomize_bn_stats(timm.create_model(name, pretrained=False)).eval()
-    size = 256 if name.startswith("fastvit") else 224
+    size = size or (256 if name.startswith("fastvit") else 224)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     ref, conv0, bn0 = _count(model, x)
 
@@ -110,7 +111,8 @@ def bench(name: str, runs: int) -> dict[str, object]:
         y, conv, bn = _count(m, x)
         row[f"conv_{k}"], row[f"bn_{k}"] = conv, bn
         row[f"err_{k}"] = output_error(y, ref)[1]
-    lat = _latencies({"original": model, **variants}, x, runs)
+    lat = _latencies({"original": model, **variants}, x, runs) if runs else {k: float("nan") for k in
+                                                                            ("original", *variants)}
     for k, v in lat.items():
         row[f"ms_{k}"] = v * 1e3
     row["ratio"] = lat["normfold"] / lat["timm"]
@@ -121,12 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("models", nargs="*", default=MODELS)
     parser.add_argument("--runs", type=int, default=20, help="timed forwards per variant (default 20)")
+    parser.add_argument("--no-latency", action="store_true", help="counts and errors only")
+    parser.add_argument("--size", type=int, default=None, help="input size (default 224, 256 for fastvit)")
+    parser.add_argument("--all", action="store_true", help="every repvgg/mobileone/fastvit/repvit/repghostnet in timm")
     args = parser.parse_args(argv)
+    if args.all:
+        import timm
+        args.models = [m for p in ("repvgg*", "mobileone*", "fastvit*", "repvit*", "repghostnet*")
+                       for m in timm.list_models(p)]
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     rows = []
     for name in args.models:
-        r = bench(name, args.runs)
+        r = bench(name, 0 if args.no_latency else args.runs, args.size)
         rows.append(r)
         print(f"{name}: timm {r['ms_timm']:.2f} ms, normfold {r['ms_normfold']:.2f} ms ({r['ratio']:.3f}x), "
               f"conv {r['conv_timm']}/{r['conv_normfold']}, bn {r['bn_timm']}/{r['bn_normfold']}", flush=True)
