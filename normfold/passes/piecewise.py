@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from normfold.errors import TraceError
+from normfold.errors import PassError, TraceError
 from normfold.passes.base import Change, PassResult, Skip
 
 __all__ = ["piecewise"]
@@ -42,6 +42,16 @@ PassFn = Callable[..., PassResult]
 def _reason(exc: BaseException) -> str:
     head = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
     return head[:240]
+
+
+def _trace_failure(exc: BaseException) -> TraceError | None:
+    """The TraceError behind ``exc`` (a pass run by a PassManager re-raises it as a PassError), else None."""
+    cur: BaseException | None = exc
+    while cur is not None:
+        if isinstance(cur, TraceError):
+            return cur
+        cur = cur.__cause__
+    return None
 
 
 def _record_inputs(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str, tuple[Any, ...] | None]:
@@ -97,8 +107,11 @@ def piecewise(pass_fn: PassFn, model: nn.Module, *, example_inputs: Any, inplace
         tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,))
     try:
         return pass_fn(model, inplace=inplace, example_inputs=inputs)
-    except TraceError as exc:
-        whole_reason = _reason(exc)
+    except (TraceError, PassError) as exc:
+        failure = _trace_failure(exc)
+        if failure is None:
+            raise
+        whole_reason = _reason(failure)
     name = pass_name or getattr(pass_fn, "__name__", "pass")
     work = model if inplace else copy_module(model)
     recorded = _record_inputs(work, inputs)
@@ -126,8 +139,11 @@ def piecewise(pass_fn: PassFn, model: nn.Module, *, example_inputs: Any, inplace
                 continue
             try:
                 r = pass_fn(child, inplace=True, example_inputs=args)
-            except TraceError as exc:
-                visit(child_path, child, _reason(exc))
+            except (TraceError, PassError) as exc:
+                failure = _trace_failure(exc)
+                if failure is None:
+                    raise
+                visit(child_path, child, _reason(failure))
                 continue
             if r.module is not child:
                 setattr(module, child_name, r.module)
