@@ -49,6 +49,7 @@ Hugging Face folder and ``<stem>.<step>.pt`` beside a pickled module.
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -156,13 +157,28 @@ def parse_arch(spec: str) -> ArchSpec:
     return ArchSpec(text, "module", mod_name, attr, args, kwargs)
 
 
+def _file_module_name(path: Path) -> str:
+    """A module name for a factory file that is the same in every process (recipes record class names by it)."""
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    return f"normfold_arch_{path.stem if path.stem.isidentifier() else 'file'}_{digest}"
+
+
+def arch_module(spec: str | ArchSpec) -> str:
+    """The module an ``--arch`` factory lives in: its classes may be rebuilt from a recipe."""
+    a = parse_arch(spec) if isinstance(spec, str) else spec
+    if a.source == "file":
+        path = Path(a.module)
+        return _file_module_name(path if path.suffix == ".py" else path.with_suffix(".py"))
+    return a.module
+
+
 def _import_file(spec: ArchSpec) -> Any:
     path = Path(spec.module)
     if path.suffix != ".py":
         path = path.with_suffix(".py")
     if not path.is_file():
         raise ModelLoadError(f"--arch {spec.text!r}: no file {path}; check the path of the .py file")
-    name = f"normfold_arch_{abs(hash(str(path.resolve())))}"
+    name = _file_module_name(path)
     if name in sys.modules:
         return sys.modules[name]
     mspec = importlib.util.spec_from_file_location(name, path)
@@ -377,7 +393,7 @@ def _from_state(p: Path, state: dict[str, torch.Tensor], recipe: dict[str, Any] 
                              f"pass --arch pkg.module:factory naming a function that builds the model{hint}")
     model = build_arch(arch)
     if recipe is not None:
-        model = recipes.apply_recipe(model, recipe)
+        model = recipes.apply_recipe(model, recipe, factory_module=arch_module(arch))
     _load_into(model, state, p, f"--arch {arch}" + (" with normfold's recorded edits" if recipe else ""))
     return LoadedModel(module=model, path=p, kind="state_dict", arch=arch, recipe=recipe is not None)
 
@@ -635,7 +651,7 @@ def _recipe_for(module: nn.Module, source: LoadedModel) -> dict[str, Any] | None
     base = _base_for(source, module)
     if base is None:
         return None
-    recipe = recipes.derive_recipe(base, module)
+    recipe = recipes.derive_recipe(base, module, factory_module=arch_module(source.arch) if source.arch else None)
     recipe["base"] = {"hf_class": source.hf_class} if source.kind == "hf" else {"arch": source.arch}
     from normfold import __version__
     recipe["normfold"] = __version__

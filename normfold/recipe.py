@@ -57,7 +57,7 @@ class RecipeError(ModelLoadError):
 # ---------------------------------------------------------------------------------------------------- values
 
 
-def _encode(value: Any, where: str, allowed: Iterable[str] = ()) -> Any:
+def _encode(value: Any, where: str, allowed: Iterable[str] = (), factory_module: str | None = None) -> Any:
     """A plain attribute value as JSON (tuples, dtypes and allowed classes/functions tagged so they come back)."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
@@ -66,11 +66,11 @@ def _encode(value: Any, where: str, allowed: Iterable[str] = ()) -> Any:
             return {"__float__": repr(value)}
         return value
     if isinstance(value, tuple):
-        return {"__tuple__": [_encode(v, where, allowed) for v in value]}
+        return {"__tuple__": [_encode(v, where, allowed, factory_module) for v in value]}
     if isinstance(value, list):
-        return [_encode(v, where, allowed) for v in value]
+        return [_encode(v, where, allowed, factory_module) for v in value]
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {"__dict__": {k: _encode(v, f"{where}[{k!r}]", allowed) for k, v in value.items()}}
+        return {"__dict__": {k: _encode(v, f"{where}[{k!r}]", allowed, factory_module) for k, v in value.items()}}
     if isinstance(value, torch.dtype):
         return {"__dtype__": str(value).removeprefix("torch.")}
     if isinstance(value, torch.Size):
@@ -81,21 +81,21 @@ def _encode(value: Any, where: str, allowed: Iterable[str] = ()) -> Any:
     qualname = getattr(value, "__qualname__", None)
     if (isinstance(value, type) or callable(value)) and isinstance(module_name, str) and isinstance(qualname, str) \
             and "<" not in qualname and any((module_name + ".").startswith(p) for p in allowed):
-        return {"__object__": f"{module_name}:{qualname}"}
+        return {"__object__": _qualname(value, factory_module)}
     raise RecipeError(f"{where} holds a {type(value).__name__}, which a safe (non-pickled) file cannot record; "
                       "write a pickled module instead (--pickle)")
 
 
-def _decode(value: Any, allowed: set[str]) -> Any:
+def _decode(value: Any, allowed: set[str], factory_module: str | None) -> Any:
     if isinstance(value, list):
-        return [_decode(v, allowed) for v in value]
+        return [_decode(v, allowed, factory_module) for v in value]
     if isinstance(value, dict):
         if "__tuple__" in value:
-            return tuple(_decode(v, allowed) for v in value["__tuple__"])
+            return tuple(_decode(v, allowed, factory_module) for v in value["__tuple__"])
         if "__dict__" in value:
-            return {str(k): _decode(v, allowed) for k, v in value["__dict__"].items()}
+            return {str(k): _decode(v, allowed, factory_module) for k, v in value["__dict__"].items()}
         if "__object__" in value:
-            return _import_allowed(str(value["__object__"]), allowed)
+            return _import_allowed(str(value["__object__"]), allowed, factory_module)
         if "__dtype__" in value:
             dt = getattr(torch, str(value["__dtype__"]), None)
             if not isinstance(dt, torch.dtype):
@@ -121,16 +121,18 @@ def _dtype(name: str) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------------- derive
 
 
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}:{cls.__qualname__}"
+def _qualname(obj: Any, factory_module: str | None = None) -> str:
+    module = FACTORY if factory_module and obj.__module__ == factory_module else obj.__module__
+    return f"{module}:{obj.__qualname__}"
 
 
 def _raw_attrs(module: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in vars(module).items() if k not in _MODULE_INTERNALS and not k.startswith("__")}
 
 
-def _plain_attrs(module: nn.Module, path: str, allowed: Iterable[str]) -> dict[str, Any]:
-    return {name: _encode(value, f"{path or '<model>'}.{name}", allowed) for name, value in _raw_attrs(module).items()}
+def _plain_attrs(module: nn.Module, path: str, allowed: Iterable[str], factory_module: str | None) -> dict[str, Any]:
+    return {name: _encode(value, f"{path or '<model>'}.{name}", allowed, factory_module)
+            for name, value in _raw_attrs(module).items()}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -158,9 +160,9 @@ def _tables(module: nn.Module) -> dict[str, Any]:
     }
 
 
-def _state(module: nn.Module, path: str, allowed: Iterable[str]) -> dict[str, Any]:
+def _state(module: nn.Module, path: str, allowed: Iterable[str], factory_module: str | None) -> dict[str, Any]:
     return {
-        "attrs": _plain_attrs(module, path, allowed),
+        "attrs": _plain_attrs(module, path, allowed, factory_module),
         "params": _tensor_table(dict(module._parameters)),
         "buffers": _tensor_table(dict(module._buffers)),
         "non_persistent": sorted(module._non_persistent_buffers_set),
@@ -173,29 +175,53 @@ def _hook_count(module: nn.Module) -> int:
     return sum(len(getattr(module, name, {}) or {}) for name in _HOOK_DICTS)
 
 
-def _allowed_prefixes(base: nn.Module) -> set[str]:
-    """torch.nn, normfold and the modules the original model's classes come from."""
-    prefixes = {"torch.nn.", "normfold."}
+#: how a recipe names the module of the --arch factory: the file's own module name depends on where it lies
+FACTORY = "@factory"
+
+
+def _allowed_prefixes(base: nn.Module, factory_module: str | None = None) -> set[str]:
+    """torch.nn, normfold, the modules the original model's classes come from, and the factory's module."""
+    prefixes = {"torch.nn.", "normfold.", FACTORY + "."}
+    if factory_module:
+        prefixes.add(factory_module + ".")
     for m in base.modules():
         prefixes.add(type(m).__module__ + ".")
     return prefixes
 
 
+def _class_name(cls: type) -> tuple[str, str]:
+    return cls.__module__, cls.__qualname__
+
+
+def _importable(cls: type) -> bool:
+    """Whether importing ``cls``'s module and walking its qualname gives ``cls`` back (not a generated class)."""
+    try:
+        obj: Any = importlib.import_module(cls.__module__)
+        for part in cls.__qualname__.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return False
+    return obj is cls
+
+
 def _check_allowed(cls: type, allowed: Iterable[str], path: str) -> None:
     name = cls.__module__ + "."
-    if not any(name.startswith(p) for p in allowed) or "<locals>" in cls.__qualname__:
+    if not any(name.startswith(p) for p in allowed) or "<locals>" in cls.__qualname__ or not _importable(cls):
         raise RecipeError(f"{path or '<model>'} is a {cls.__module__}.{cls.__qualname__}, not a class a safe file may "
                           "rebuild (torch.nn, normfold, or the original model's own classes); write a pickled module "
                           "instead (--pickle)")
 
 
-def derive_recipe(base: nn.Module, rewritten: nn.Module) -> dict[str, Any]:
+def derive_recipe(base: nn.Module, rewritten: nn.Module, *, factory_module: str | None = None) -> dict[str, Any]:
     """The edits that turn ``base`` (a fresh build of the original) into the structure of ``rewritten``.
 
     Only structure is recorded (classes, attributes, parameter/buffer names,
     shapes and dtypes); the values travel as weights beside the recipe.
+    ``factory_module`` is the module the ``--arch`` factory lives in: its
+    classes may be rebuilt too, and are recorded under :data:`FACTORY` so
+    that the recipe does not depend on where a factory file lies.
     """
-    allowed = _allowed_prefixes(base)
+    allowed = _allowed_prefixes(base, factory_module)
     base_modules = dict(base.named_modules(remove_duplicate=False))
     edits: list[dict[str, Any]] = []
     replaced: list[str] = []
@@ -211,16 +237,18 @@ def derive_recipe(base: nn.Module, rewritten: nn.Module) -> dict[str, Any]:
         cls = type(module)
         inside_replaced = any(path.startswith(r + ".") or r == "" for r in replaced)
         old = base_modules.get(path)
-        if inside_replaced or old is None or type(old) is not cls:
+        # by name, not identity: torch.nn.utils.parametrize makes a new ParametrizedConv2d class per module
+        if inside_replaced or old is None or _class_name(type(old)) != _class_name(cls):
             _check_allowed(cls, allowed, path)
             if cls is torch.fx.GraphModule or isinstance(module, torch.fx.GraphModule):
                 raise RecipeError(f"{path or '<model>'} is a torch.fx GraphModule (generated code); "
                                   "write a pickled module instead (--pickle)")
-            edits.append({"op": "replace", "path": path, "class": _qualname(cls), **_state(module, path, allowed)})
+            edits.append({"op": "replace", "path": path, "class": _qualname(cls, factory_module),
+                          **_state(module, path, allowed, factory_module)})
             replaced.append(path)
             continue
         new_attrs, old_attrs = _raw_attrs(module), _raw_attrs(old)
-        changed_attrs = {k: _encode(v, f"{path or '<model>'}.{k}", allowed) for k, v in new_attrs.items()
+        changed_attrs = {k: _encode(v, f"{path or '<model>'}.{k}", allowed, factory_module) for k, v in new_attrs.items()
                          if k not in old_attrs or not _same(old_attrs[k], v)}
         removed_attrs = [k for k in old_attrs if k not in new_attrs]
         new_tables, old_tables = _tables(module), _tables(old)
@@ -246,8 +274,13 @@ def derive_recipe(base: nn.Module, rewritten: nn.Module) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------- apply
 
 
-def _import_allowed(qualname: str, allowed: set[str]) -> Any:
+def _import_allowed(qualname: str, allowed: set[str], factory_module: str | None) -> Any:
     mod_name, _, attr = qualname.partition(":")
+    if mod_name == FACTORY:
+        if not factory_module:
+            raise ModelLoadError(f"the file's recipe names {qualname!r}, a class of the --arch factory's module; "
+                                 "pass --arch")
+        mod_name = factory_module
     if not any((mod_name + ".").startswith(p) for p in allowed) or not attr:
         raise ModelLoadError(f"the file's recipe names {qualname!r}, which is outside torch.nn, normfold and "
                              "the model's own modules; refusing to import it")
@@ -261,8 +294,8 @@ def _import_allowed(qualname: str, allowed: set[str]) -> Any:
     return obj
 
 
-def _resolve_class(qualname: str, allowed: set[str]) -> type:
-    obj = _import_allowed(qualname, allowed)
+def _resolve_class(qualname: str, allowed: set[str], factory_module: str | None) -> type:
+    obj = _import_allowed(qualname, allowed, factory_module)
     if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
         raise ModelLoadError(f"the file's recipe names {qualname!r}, which is not an nn.Module class")
     return obj
@@ -289,12 +322,13 @@ def _set_tables(module: nn.Module, edit: dict[str, Any]) -> None:
     module._non_persistent_buffers_set = set(edit.get("non_persistent", []))
 
 
-def _set_attrs(module: nn.Module, attrs: dict[str, Any], path: str, allowed: set[str]) -> None:
+def _set_attrs(module: nn.Module, attrs: dict[str, Any], path: str, allowed: set[str],
+               factory_module: str | None) -> None:
     for name, value in attrs.items():
         if not name.isidentifier() or name.startswith("__") or name in _MODULE_INTERNALS:
             raise ModelLoadError(f"the file's recipe sets an invalid attribute {name!r} on {path or '<model>'}")
         try:
-            object.__setattr__(module, name, _decode(value, allowed))
+            object.__setattr__(module, name, _decode(value, allowed, factory_module))
         except (AttributeError, TypeError) as exc:
             raise ModelLoadError(f"the file's recipe cannot set {path or '<model>'}.{name}: {exc}") from exc
 
@@ -304,16 +338,17 @@ def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_path) if parent_path else root), name
 
 
-def apply_recipe(base: nn.Module, recipe: dict[str, Any]) -> nn.Module:
+def apply_recipe(base: nn.Module, recipe: dict[str, Any], *, factory_module: str | None = None) -> nn.Module:
     """Replay ``recipe`` on ``base`` (a fresh build of the original model); returns the rebuilt model.
 
     The result has the rewritten model's structure with uninitialized new
-    tensors: load the saved weights into it strictly.
+    tensors: load the saved weights into it strictly. ``factory_module`` as
+    for :func:`derive_recipe` (where :data:`FACTORY` names now point).
     """
     if not isinstance(recipe, dict) or recipe.get("version") != RECIPE_VERSION:
         raise ModelLoadError(f"the file's recipe has version {recipe.get('version') if isinstance(recipe, dict) else '?'}"
                              f"; this normfold reads version {RECIPE_VERSION}: upgrade normfold")
-    allowed = _allowed_prefixes(base)
+    allowed = _allowed_prefixes(base, factory_module)
     root = base
     for edit in recipe.get("edits", []):
         op, path = edit.get("op"), str(edit.get("path", ""))
@@ -322,10 +357,10 @@ def apply_recipe(base: nn.Module, recipe: dict[str, Any]) -> nn.Module:
             parent, name = _parent(root, path)
             parent._modules[name] = target
         elif op == "replace":
-            cls = _resolve_class(str(edit["class"]), allowed)
+            cls = _resolve_class(str(edit["class"]), allowed, factory_module)
             module = cls.__new__(cls)
             nn.Module.__init__(module)
-            _set_attrs(module, edit.get("attrs", {}), path, allowed)
+            _set_attrs(module, edit.get("attrs", {}), path, allowed, factory_module)
             _set_tables(module, edit)
             # children come from their own (later) records; keep the order here
             for child in edit.get("children", []):
@@ -338,7 +373,7 @@ def apply_recipe(base: nn.Module, recipe: dict[str, Any]) -> nn.Module:
                 parent._modules[name] = module
         elif op == "patch":
             module = root.get_submodule(path) if path else root
-            _set_attrs(module, edit.get("attrs", {}), path, allowed)
+            _set_attrs(module, edit.get("attrs", {}), path, allowed, factory_module)
             for name in edit.get("remove_attrs", []):
                 module.__dict__.pop(name, None)
             if "params" in edit:

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from torch import nn
 
 import normfold as nf
 from normfold.errors import ModelLoadError, UsageError
-from normfold.io import default_output_path, load_model, parse_arch, save_model
+from normfold.io import arch_module, default_output_path, load_model, parse_arch, save_model
 from normfold.recipe import RecipeError
 from tests.commands._cli import run_cli
 from tests.conftest import randomize_bn_stats, run_eval
@@ -284,6 +285,18 @@ import torch
 from torch import nn
 
 
+class Shift(nn.Module):
+    """Adds a constant the module computes when built: a non-persistent buffer (not in the state_dict)."""
+
+    def __init__(self, width, step=0.5):
+        super().__init__()
+        self.register_buffer("offset", torch.arange(width, dtype=torch.float32).view(1, -1, 1, 1) * step,
+                             persistent=False)
+
+    def forward(self, x):
+        return x + self.offset
+
+
 def build(width=4):
     conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, width, 3))
     return nn.Sequential(conv, nn.BatchNorm2d(width), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -314,6 +327,30 @@ def test_factory_in_a_local_file_with_arguments(tmp_path: Path, monkeypatch) -> 
     # the module name alone is not importable from here: the error says how
     with pytest.raises(ModelLoadError, match=r"PYTHONPATH=\. or give the file path"):
         load_model(src, arch="my_models:build(width=6)")
+
+
+def test_non_persistent_buffers_of_new_modules_travel_with_the_weights(tmp_path: Path, monkeypatch) -> None:
+    """A module swapped in with a buffer outside the state_dict: its values are written, not rebuilt."""
+    (tmp_path / "my_models.py").write_text(_LOCAL_FACTORY)
+    monkeypatch.chdir(tmp_path)
+    arch = "./my_models.py:build(width=6)"
+    loaded_model = load_model_factory(arch).eval()
+    src = tmp_path / "m.pt"
+    torch.save(loaded_model.state_dict(), src)
+    loaded = load_model(src, arch=arch)
+    factory_module = sys.modules[arch_module(arch)]
+    shifted = loaded.module
+    shifted[1] = factory_module.Shift(6, step=0.25)  # a value a fresh Shift(6) would not have
+    out = save_model(shifted, tmp_path / "m.shift.safetensors", source=loaded)
+    recipe = json.loads(_is_safetensors(out)["__metadata__"]["normfold_recipe"])
+    assert any(e.get("class") == "@factory:Shift" for e in recipe["edits"]), "named apart from where the file lies"
+    # read back from another folder, through another path to the same file
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    arch = "../my_models.py:build(width=6)"
+    again = nf.load(out, arch=arch)
+    assert torch.equal(again[1].offset, shifted[1].offset) and "offset" not in again.state_dict()
+    _same(again, shifted)
 
 
 def load_model_factory(arch: str) -> nn.Module:
