@@ -22,7 +22,6 @@ from normfold.check.runtime import FALLBACK_OPTION, create_session, preload_cuda
 
 @pytest.fixture(scope="module")
 def onnx_bytes() -> bytes:
-    import onnx
     from onnx import TensorProto, helper
 
     w = helper.make_tensor("w", TensorProto.FLOAT, [3, 2], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
