@@ -698,8 +698,11 @@ def save_model(module: nn.Module, path: str | os.PathLike, *, input_path: str | 
         raise UsageError(f"-o {out}: normfold needs to know how the model was built (its --arch or Hugging Face "
                          "class) to write it without pickling; pass pickle=True to write a pickled module")
     recipe = _recipe_for(module, source)
+    if recipe is None and source.kind == "exported":
+        raise UsageError(f"-o {out}: {source.path} is an ExportedProgram (.pt2); write the result as .pt2, or load "
+                         "the weights with --arch to write .safetensors")
     if recipe is None:  # a pickled module given without --arch: nothing but the pickle can rebuild it
-        if suffix in (".safetensors", "") or source.kind == "hf":
+        if suffix in (".safetensors", ""):
             raise UsageError(f"-o {out}: {source.path} is a pickled module; pass --arch pkg.module:factory so the "
                              "output can be rebuilt without unpickling, or write a .pt with --pickle")
         atomic_write(out, lambda tmp: torch.save(module, tmp))

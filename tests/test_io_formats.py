@@ -438,3 +438,25 @@ def test_cli_fold_safetensors_then_check_the_candidate(r18, tmp_path: Path, caps
                               "2,3,32,32", "--no-export", "-q"], capsys)
     assert code == 0, out + err
     assert_models_close(nf.load(written, arch=R18), original, (X,))
+
+
+def test_pickled_input_stays_pickled_unless_arch_is_given(demo, tmp_path: Path) -> None:
+    """A pickled module without --arch has no factory to rebuild it: its output is pickled too (it was trusted)."""
+    _, original = demo
+    src = tmp_path / "whole.pt"
+    torch.save(original, src)
+    loaded = load_model(src, trust=True)
+    frozen = nf.freeze_batchnorm(loaded.module).module
+    assert default_output_path(loaded, "frozen").name == "whole.frozen.pt"
+    out = save_model(frozen, default_output_path(loaded, "frozen"), source=loaded)
+    _same(load_model(out, trust=True).module, frozen)
+    with pytest.raises(UsageError, match="pass --arch"):
+        save_model(frozen, tmp_path / "w.safetensors", source=loaded)
+    with_arch = load_model(src, trust=True, arch=DEMO)
+    assert default_output_path(with_arch, "frozen").suffix == ".safetensors"
+    _same(nf.load(save_model(frozen, tmp_path / "w.safetensors", source=with_arch), arch=DEMO), frozen)
+    program = torch.export.export(original, (X,), strict=False)
+    exported = tmp_path / "p.pt2"
+    torch.export.save(program, str(exported))
+    with pytest.raises(UsageError, match="write the result as .pt2"):
+        save_model(frozen, tmp_path / "p.safetensors", source=load_model(exported))
