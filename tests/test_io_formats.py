@@ -460,3 +460,17 @@ def test_pickled_input_stays_pickled_unless_arch_is_given(demo, tmp_path: Path) 
     torch.export.save(program, str(exported))
     with pytest.raises(UsageError, match="write the result as .pt2"):
         save_model(frozen, tmp_path / "p.safetensors", source=load_model(exported))
+
+
+def test_cli_pickle_and_pt2_outputs_on_request(demo, tmp_path: Path, capsys) -> None:
+    path, original = demo
+    base = ["fold", str(path), "--arch", DEMO, "--input-shape", "2,3,32,32", "-q"]
+    code, out, err = run_cli(base + ["--pickle", "-o", str(tmp_path / "whole.pt")], capsys)
+    assert code == 0, out + err
+    whole = torch.load(tmp_path / "whole.pt", weights_only=False)
+    assert isinstance(whole, nn.Module)
+    code, out, err = run_cli(base + ["-o", str(tmp_path / "f.pt2")], capsys)
+    assert code == 0, out + err
+    program = load_model(tmp_path / "f.pt2").program
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(X), run_eval(whole, (X,)), atol=1e-5, rtol=0)
