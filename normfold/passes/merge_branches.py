@@ -64,7 +64,7 @@ import torch.fx
 from torch import nn
 from torch.nn import functional as F
 
-from normfold.graph import is_leaf_type
+from normfold.graph import eval_mode, is_leaf_type
 from normfold.norms import batchnorm_affine, batchnorm_remnant, is_batchnorm, set_submodule
 from normfold.passes.base import Change, Pass, PassResult, Skip
 
@@ -727,6 +727,7 @@ class MergeBranches(Pass):
         seen_skips: set[tuple[tuple[str, ...], str]] = set()
         merged_blocks = 0
         self._traced: set[str] = set()
+        self._fallback = False
         blocks = self._candidate_blocks(module)
         for path in blocks:
             try:
@@ -737,6 +738,9 @@ class MergeBranches(Pass):
                 graph = _Tracer(*self._tracer_args).trace(block)
             except Exception as exc:  # an untraceable block: its parent may still trace
                 log.debug("merge_branches: %s does not trace (%s)", path or "<model>", exc)
+                if not self._fallback:
+                    result.skipped.append(Skip(PASS_NAME, (path or "<model>",), "branches found in the model's "
+                                               f"trace, but the block does not trace on its own: {exc}"))
                 continue
             self._traced.add(path)
             changes, skips, gm = self._merge_block(block, graph, path)
@@ -774,6 +778,7 @@ class MergeBranches(Pass):
             graph = _Tracer(*self._tracer_args).trace(module)
         except Exception as exc:
             log.debug("merge_branches: the model does not trace as a whole (%s); trying each module", exc)
+            self._fallback = True
             # reversed pre-order visits every module after all of its descendants
             return [p for p, m in reversed(list(module.named_modules())) if self._worth_tracing(m)]
         analysis = _BlockAnalysis(graph, module, "")
@@ -813,7 +818,7 @@ class MergeBranches(Pass):
             handles.append(m.register_forward_pre_hook(hook))
         inputs = self.example_inputs if isinstance(self.example_inputs, tuple) else (self.example_inputs,)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(module):  # a training-mode forward would move running statistics
                 module(*inputs)
         finally:
             for h in handles:
