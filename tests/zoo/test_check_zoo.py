@@ -26,7 +26,7 @@ one after another).
 
 Every model passes at the default tolerance: the largest error of a clean
 fold + export is 4.0e-6 of the output's scale (swin_v2_b), against the
-default 2e-5 (:data:`normfold.tolerances.CHECK`).
+default 2e-5 (:data:`normfold.tolerances.POLICY`).
 """
 
 from __future__ import annotations
