@@ -8,6 +8,7 @@ the CPU). tests/gpu runs the real thing where a CUDA device exists.
 
 from __future__ import annotations
 
+import os
 import types
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 
 import normfold as nf
 from normfold.check import runtime
-from normfold.check.runtime import FALLBACK_OPTION, create_session, preload_cuda_libraries
+from normfold.check.runtime import FALLBACK_OPTION, cpu_placements, create_session, preload_cuda_libraries
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +112,8 @@ class _FakeSession:
         _FakeSession.calls.append((list(providers), fallback))
         if fallback == "1" and _FakeSession.refuse:
             raise RuntimeError(_FakeSession.refuse)
+        if so.log_severity_level == 0 and _FakeSession.refuse:  # onnxruntime's verbose placement report, on fd 2
+            os.write(2, "\n".join(PLACEMENT_LOG).encode() + b"\n")
         self._providers = list(providers) + ([] if "CPUExecutionProvider" in providers else ["CPUExecutionProvider"])
 
     def get_providers(self) -> list[str]:
@@ -160,10 +163,33 @@ def test_cuda_with_nodes_left_on_the_cpu_is_refused(fake_gpu, onnx_bytes: bytes)
     fake_gpu.refuse = ("[ONNXRuntimeError] : 1 : FAIL : This session contains graph nodes that are assigned to the "
                        "default CPU EP, but fallback to CPU EP has been explicitly disabled by the user.")
     rt = create_session(onnx_bytes, ("cuda", "cpu"), require="cuda")
-    assert [c[1] for c in fake_gpu.calls] == ["1", ""], "refused strictly, then compared on a CPU session"
+    assert [c[1] for c in fake_gpu.calls] == ["1", "", ""], "refused strictly, compared on the CPU, placements read"
     assert rt.provider == "CPUExecutionProvider"
     why = rt.not_started["CUDAExecutionProvider"]
-    assert "started, but some nodes would still run on the CPU" in why
+    assert "started, but onnxruntime would still run some nodes on the CPU: Shape x2, Gather (3 node(s))" in why
+    assert [c[0] for c in fake_gpu.calls][2] == ["CUDAExecutionProvider", "CPUExecutionProvider"], "the diagnostic"
+
+
+#: the "Node placements" report of onnxruntime's verbose log (session_state.cc), as it prints it
+PLACEMENT_LOG = [
+    "2026-01-01 00:00:00.0 [V:onnxruntime:, session_state.cc:1578 VerifyEachNodeIsAssignedToAnEp] Node placements",
+    "2026-01-01 00:00:00.0 [V:onnxruntime:, session_state.cc:1581 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on "
+    "[CUDAExecutionProvider]. Number of nodes: 5",
+    "2026-01-01 00:00:00.0 [V:onnxruntime:, session_state.cc:1583 VerifyEachNodeIsAssignedToAnEp]   Conv (/conv/Conv)",
+    "2026-01-01 00:00:00.0 [V:onnxruntime:, session_state.cc:1581 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on "
+    "[CPUExecutionProvider]. Number of nodes: 3",
+    "2026-01-01 00:00:00.0 [V:onnxruntime:, session_state.cc:1583 VerifyEachNodeIsAssignedToAnEp]   Shape (/Shape)",
+    "2026-01-01 00:00:00.0 [V:onnxruntime:, session_state.cc:1583 VerifyEachNodeIsAssignedToAnEp]   Gather (/Gather)",
+    "2026-01-01 00:00:00.0 [V:onnxruntime:, session_state.cc:1583 VerifyEachNodeIsAssignedToAnEp]   Shape (/Shape_1)",
+]
+
+
+def test_cpu_placements_reads_the_verbose_report() -> None:
+    assert cpu_placements(PLACEMENT_LOG) == "Shape x2, Gather (3 node(s))"
+    assert cpu_placements(PLACEMENT_LOG[:3]) == ""  # everything on CUDA
+    # where one provider takes everything onnxruntime prints the count only
+    assert cpu_placements(["[V:onnxruntime:, session_state.cc:1581 VerifyEachNodeIsAssignedToAnEp]  All nodes "
+                           "placed on [CPUExecutionProvider]. Number of nodes: 2"]) == "2 node(s)"
 
 
 def test_check_with_required_cuda_fails_with_the_reason_here(onnx_bytes: bytes) -> None:

@@ -299,6 +299,50 @@ def _session_options(ort: Any, threads: int | None, spinning: bool, options: Map
     return so
 
 
+_PLACED = re.compile(r"(?:Node\(s\)|All nodes) placed on \[(\w+)\]\. Number of nodes: (\d+)")
+_PLACED_NODE = re.compile(r"VerifyEachNodeIsAssignedToAnEp\]\s{2,}(\w+) \(")
+
+
+def cpu_placements(lines: Sequence[str]) -> str:
+    """From onnxruntime's verbose "Node placements" log: the ops placed on the CPU, e.g. ``"Shape x2, Gather (3 nodes)"``."""
+    current, ops = None, []
+    count = 0
+    for ln in lines:
+        m = _PLACED.search(ln)
+        if m:
+            current = m.group(1)
+            if current == "CPUExecutionProvider":
+                count = int(m.group(2))
+            continue
+        n = _PLACED_NODE.search(ln)
+        if n and current == "CPUExecutionProvider":
+            ops.append(n.group(1))
+    if not count:
+        return ""
+    tally: dict[str, int] = {}
+    for op in ops:
+        tally[op] = tally.get(op, 0) + 1
+    listed = ", ".join(f"{op} x{k}" if k > 1 else op for op, k in sorted(tally.items(), key=lambda kv: -kv[1]))
+    return f"{listed} ({count} node(s))" if listed else f"{count} node(s)"
+
+
+def _cpu_nodes(ort: Any, src: Any, threads: int | None, spinning: bool, options: Mapping[str, str] | None,
+               required: str) -> str:
+    """Which nodes onnxruntime keeps on the CPU beside ``required``: a verbose session, read and dropped.
+
+    onnxruntime places small shape computations (Shape, Gather on a shape, Concat of sizes) on the CPU on
+    purpose; naming them tells the user what stands between the model and "every node on CUDA".
+    """
+    so = _session_options(ort, threads, spinning, options)
+    so.log_severity_level = 0  # VERBOSE: the "Node placements" report
+    try:
+        with _capture_fd2() as lines:
+            ort.InferenceSession(src, so, providers=[required, "CPUExecutionProvider"])
+    except Exception:  # a diagnostic: its failure leaves the reason as onnxruntime gave it
+        return ""
+    return cpu_placements(lines)
+
+
 def create_session(model: str | os.PathLike | bytes | Any, providers: Sequence[str] | str = ("cuda", "cpu"), *,
                    threads: int | None = None, spinning: bool = False,
                    options: Mapping[str, str] | None = None, require: str | None = None) -> OrtRuntime:
@@ -368,8 +412,11 @@ def create_session(model: str | os.PathLike | bytes | Any, providers: Sequence[s
         if started:  # the provider itself did not start: every node would have fallen back
             why = f"{started} (with CPU fallback disabled, onnxruntime refused to run the model on the CPU instead)"
         elif "assigned to the default CPU EP" in refusal:
-            why = (f"{required} started, but some nodes would still run on the CPU, and the CPU fallback is disabled "
-                   f"so that every node runs on {short_provider(required)} (onnxruntime: {refusal})")
+            placed = _cpu_nodes(ort, src, threads, spinning, options, required)
+            which = f": {placed}" if placed else ""
+            why = (f"{required} started, but onnxruntime would still run some nodes on the CPU{which}; the CPU "
+                   f"fallback is disabled so that every node runs on {short_provider(required)} (onnxruntime: "
+                   f"{refusal})")
         else:
             why = f"with CPU fallback disabled onnxruntime refused the session: {refusal}"
         _LAST_REASON[required] = why
