@@ -26,7 +26,8 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/false_alarms.py                       # everything (hours on 1 core)
     OMP_NUM_THREADS=1 python benchmarks/false_alarms.py --models resnet18,timm:regnetz_b16 --image-size 64
     OMP_NUM_THREADS=1 python benchmarks/false_alarms.py --limit 10 --kinds pickle
-    OMP_NUM_THREADS=1 python benchmarks/false_alarms.py --dtypes float16,bfloat16 --models resnet18,resnet50
+    OMP_NUM_THREADS=1 python benchmarks/false_alarms.py --dtypes float16,bfloat16 --image-size 96 \
+        --models resnet18,resnet50,timm:regnetz_b16,efficientnet_b0,mobilenet_v3_large,regnet_y_400mf
 
 Exit code: 0 when every run exited 0, 1 otherwise.
 """
@@ -64,7 +65,7 @@ TIMM_MODELS = [
     "lcnet_050", "mixnet_s", "ghostnet_100", "rexnet_100", "densenet121", "dpn68", "dla34", "hrnet_w18_small",
     "cspresnet50", "cspdarknet53", "darknet53", "selecsls42b", "res2net50_14w_8s", "resnest14d", "gernet_s",
     "repvgg_a0", "mobileone_s0", "fastvit_t8", "efficientvit_b0", "levit_128s", "convmixer_768_32", "bat_resnext26ts",
-    "halonet26t", "lambda_resnet26t", "xception41", "inception_v3", "nf_regnet_b0", "regnetv_040", "eca_resnet33ts",
+    "halonet26t", "lambda_resnet26t", "xception41", "inception_v3", "resnet34d", "regnetv_040", "eca_resnet33ts",
 ]
 
 HEAD_SCALE = 1000.0
