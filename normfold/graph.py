@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx
@@ -102,26 +102,65 @@ class GNode:
 class ModelGraph:
     """The dataflow of one model, from torch.fx or torch.export."""
 
-    def __init__(self, root: nn.Module, nodes: list[GNode], source: str,
+    def __init__(self, root: nn.Module, nodes: list[GNode] | Callable[[], list[GNode]], source: str,
                  graph_module: torch.fx.GraphModule | None = None, fx_error: str | None = None,
                  *, fx_graph: torch.fx.Graph | None = None) -> None:
         self.root = root
-        self.nodes = nodes
+        #: the GNode list, or the function that builds it on first use (a fold that reads the fx graph
+        #: directly never pays for the conversion)
+        self._nodes: list[GNode] | None = None if callable(nodes) else nodes
+        self._build_nodes = nodes if callable(nodes) else None
         self.source = source
         self._graph_module = graph_module
         #: a traced torch.fx Graph whose GraphModule is only built when someone asks for it
         self._fx_graph = fx_graph
         self.fx_error = fx_error
-        self.calls: dict[str, list[GNode]] = {}
-        self.attr_reads: dict[str, list[GNode]] = {}
-        for n in nodes:
-            if n.op == "module":
-                self.calls.setdefault(n.target, []).append(n)
-            elif n.op == "attr":
-                self.attr_reads.setdefault(n.target, []).append(n)
-        self.modules = dict(root.named_modules())
+        self._calls: dict[str, list[GNode]] | None = None
+        self._attr_reads: dict[str, list[GNode]] | None = None
+        self._modules: dict[str, nn.Module] | None = None
+        self._shapes_done = False
+        self._fx_call_counts: dict[str, int] | None = None
+        self._fx_attr_reads: list[str] | None = None
         #: example inputs kept for :meth:`ensure_shapes` when shapes were not propagated at build time
         self.example_inputs: tuple | None = None
+
+    @property
+    def nodes(self) -> list[GNode]:
+        """The normalised nodes, in graph order."""
+        if self._nodes is None:
+            self._nodes = self._build_nodes()
+        return self._nodes
+
+    @property
+    def calls(self) -> dict[str, list[GNode]]:
+        """Module path -> its call nodes."""
+        if self._calls is None:
+            self._calls = {}
+            for n in self.nodes:
+                if n.op == "module":
+                    self._calls.setdefault(n.target, []).append(n)
+        return self._calls
+
+    @property
+    def attr_reads(self) -> dict[str, list[GNode]]:
+        """Parameter / buffer path -> the nodes that read it outside a module call."""
+        if self._attr_reads is None:
+            self._attr_reads = {}
+            for n in self.nodes:
+                if n.op == "attr":
+                    self._attr_reads.setdefault(n.target, []).append(n)
+        return self._attr_reads
+
+    @attr_reads.setter
+    def attr_reads(self, value: dict[str, list[GNode]]) -> None:
+        self._attr_reads = value
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """Every submodule by path, as the model was when the graph was built."""
+        if self._modules is None:
+            self._modules = dict(self.root.named_modules())
+        return self._modules
 
     @property
     def graph_module(self) -> torch.fx.GraphModule | None:
@@ -158,21 +197,32 @@ class ModelGraph:
         """
         if self._graph_module is None and self._fx_graph is None:  # torch.export graphs always carry shapes
             return True
-        if any(n.shape is not None for n in self.nodes):
+        if self._shapes_done:
             return True
         inputs = _as_tuple(example_inputs) or self.example_inputs
         if not inputs:
             return False
         _propagate_shapes(self.root, self.graph_module, inputs)
-        for n in self.nodes:
-            if n.fx_node is not None:
-                _copy_tensor_meta(n, n.fx_node)
+        self._shapes_done = True
+        if self._nodes is not None:  # nodes built later copy the shapes themselves
+            for n in self._nodes:
+                if n.fx_node is not None:
+                    _copy_tensor_meta(n, n.fx_node)
         return True
 
     def module(self, node: GNode) -> nn.Module:
         return self.modules[node.target]
 
     def call_count(self, path: str) -> int:
+        """How many times forward() calls module ``path``."""
+        if self._calls is None and self._fx_graph is not None:
+            if self._fx_call_counts is None:
+                counts: dict[str, int] = {}
+                for n in self._fx_graph.nodes:
+                    if n.op == "call_module":
+                        counts[n.target] = counts.get(n.target, 0) + 1
+                self._fx_call_counts = counts
+            return self._fx_call_counts.get(path, 0)
         return len(self.calls.get(path, []))
 
     def module_nodes(self) -> Iterator[GNode]:
@@ -181,6 +231,10 @@ class ModelGraph:
     def external_param_reads(self, path: str) -> list[str]:
         """Parameters/buffers of module ``path`` read by the graph outside a call of that module."""
         prefix = path + "."
+        if self._attr_reads is None and self._fx_graph is not None:
+            if self._fx_attr_reads is None:
+                self._fx_attr_reads = sorted({n.target for n in self._fx_graph.nodes if n.op == "get_attr"})
+            return [t for t in self._fx_attr_reads if t.startswith(prefix) or t == path]
         return [t for t in self.attr_reads if t.startswith(prefix) or t == path]
 
 
@@ -254,6 +308,10 @@ def build_graph(model: nn.Module, example_inputs: Any = None, *, allow_export: b
     return mg
 
 
+#: the attributes nn.Module.__init__ creates
+_MODULE_DICTS = frozenset(nn.Module().__dict__)
+
+
 def _scrub_proxies(model: nn.Module) -> None:
     """Drop torch.fx Proxies that forward() cached in module dicts while being traced.
 
@@ -262,8 +320,9 @@ def _scrub_proxies(model: nn.Module) -> None:
     reads back as a node of another graph (and the user's model would carry it).
     """
     for m in model.modules():
-        for value in list(vars(m).values()):
-            if isinstance(value, dict) and not isinstance(value, (nn.Module,)) and value:
+        for key, value in list(vars(m).items()):
+            # nn.Module's own dicts (parameters, buffers, submodules, hooks) hold no Proxy: skip them
+            if key not in _MODULE_DICTS and isinstance(value, dict) and value:
                 for k in [k for k, v in value.items() if isinstance(v, torch.fx.Proxy) or isinstance(k, torch.fx.Proxy)]:
                     del value[k]
 
@@ -293,6 +352,10 @@ def _tensor_nodes(value: Any) -> list[torch.fx.Node]:
 
 
 def _graph_from_fx(model: nn.Module, fx_graph: torch.fx.Graph) -> ModelGraph:
+    return ModelGraph(model, lambda: _nodes_from_fx(fx_graph), "fx", fx_graph=fx_graph)
+
+
+def _nodes_from_fx(fx_graph: torch.fx.Graph) -> list[GNode]:
     by_fx: dict[torch.fx.Node, GNode] = {}
     nodes: list[GNode] = []
     for n in fx_graph.nodes:
@@ -309,7 +372,7 @@ def _graph_from_fx(model: nn.Module, fx_graph: torch.fx.Graph) -> ModelGraph:
         for a in g.args:
             if g not in a.users:
                 a.users.append(g)
-    return ModelGraph(model, nodes, "fx", fx_graph=fx_graph)
+    return nodes
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfold.graph import is_frozen_batchnorm
 
-__all__ = ["BatchNormAffine", "batchnorm_affine", "affine_from_statistics", "norm_kind", "is_batchnorm",
+__all__ = ["BatchNormAffine", "batchnorm_affine", "batchnorm_problem", "affine_from_statistics", "norm_kind", "is_batchnorm",
            "batchnorm_remnant", "STANDARD_BN_FORWARDS"]
 
 #: forwards that compute exactly F.batch_norm in eval (SyncBatchNorm does in eval, on any device)
@@ -93,31 +93,35 @@ def batchnorm_remnant(m: nn.Module) -> nn.Module:
     return nn.Identity()
 
 
-def batchnorm_affine(m: nn.Module) -> BatchNormAffine | str:
-    """The eval-mode affine of BatchNorm ``m`` in float64, or why there is none."""
+def batchnorm_problem(m: nn.Module) -> str | None:
+    """Why BatchNorm ``m`` has no eval-mode affine (training mode, no running statistics...), or None.
+
+    The checks of :func:`batchnorm_affine` without its arithmetic, for callers
+    that decide on structure first and compute the affine only when they use it.
+    """
     if is_frozen_batchnorm(m):
-        eps = float(getattr(m, "eps", 1e-5))
-        w, b = m.weight.detach().double(), m.bias.detach().double()
-        mean, var = m.running_mean.detach().double(), m.running_var.detach().double()
-    elif isinstance(m, _BatchNorm):
-        fwd = type(m).forward
-        if fwd not in STANDARD_BN_FORWARDS and not _is_norm_act(m):
-            return (f"{type(m).__name__} is a BatchNorm subclass with its own forward(); normfold does not "
-                    "guess what it computes")
-        if m.training:
-            return "in training mode (call model.eval() first)"
-        if not m.track_running_stats or m.running_mean is None or m.running_var is None:
-            return "track_running_stats=False: it normalizes with batch statistics even in eval"
-        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
-            return "lazy BatchNorm not initialized yet (run one forward first)"
-        eps = float(m.eps)
-        mean, var = m.running_mean.detach().double(), m.running_var.detach().double()
-        n = mean.numel()
-        w = m.weight.detach().double() if m.weight is not None else torch.ones(n, dtype=torch.float64, device=mean.device)
-        b = m.bias.detach().double() if m.bias is not None else torch.zeros(n, dtype=torch.float64, device=mean.device)
-    else:
+        return None
+    if not isinstance(m, _BatchNorm):
         return f"{type(m).__name__} is not a BatchNorm"
-    return affine_from_statistics(mean, var, w, b, eps)
+    if type(m).forward not in STANDARD_BN_FORWARDS and not _is_norm_act(m):
+        return (f"{type(m).__name__} is a BatchNorm subclass with its own forward(); normfold does not "
+                "guess what it computes")
+    if m.training:
+        return "in training mode (call model.eval() first)"
+    if not m.track_running_stats or m.running_mean is None or m.running_var is None:
+        return "track_running_stats=False: it normalizes with batch statistics even in eval"
+    if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+        return "lazy BatchNorm not initialized yet (run one forward first)"
+    return None
+
+
+def batchnorm_affine(m: nn.Module) -> BatchNormAffine | str:
+    """The eval-mode affine of BatchNorm ``m`` in float64, or why there is none (:func:`batchnorm_problem`)."""
+    problem = batchnorm_problem(m)
+    if problem is not None:
+        return problem
+    eps = float(getattr(m, "eps", 1e-5))
+    return affine_from_statistics(m.running_mean, m.running_var, m.weight, m.bias, eps)
 
 
 def affine_from_statistics(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,

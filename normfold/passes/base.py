@@ -121,8 +121,9 @@ def restore_training_flags(module: nn.Module, flags: dict[str, bool]) -> None:
     flag its predecessor had at that path.
     """
     for name, m in module.named_modules():
-        if name in flags:
-            m.training = flags[name]
+        flag = flags.get(name)
+        if flag is not None and m.training != flag:  # nn.Module.__setattr__ is slow: write only what changed
+            m.training = flag
 
 
 def copy_module(module: nn.Module) -> nn.Module:

@@ -23,6 +23,7 @@ from typing import Any
 from torch import nn
 from torch.export import ExportedProgram
 
+from normfold.errors import NormfoldError, PassError
 from normfold.passes.base import Pass, PassManager, PassResult
 from normfold.passes.fold.arithmetic import fold_into_output_channels
 from normfold.passes.fold.module_pass import FoldBatchNormModules
@@ -30,7 +31,7 @@ from normfold.passes.fold.program_pass import ExportedPassResult, FoldBatchNormP
     program_inputs
 from normfold.passes.fold.refusal import Refusal
 from normfold.passes.fold.rules import producer_problem
-from normfold.passes.weight_standardization import BakeWeightStandardization
+from normfold.passes.weight_standardization import BakeWeightStandardization, is_weight_standardized_conv
 
 __all__ = ["fold_batchnorm", "fold_passes", "FoldBatchNormModules", "FoldBatchNormProgram", "ExportedPassResult",
            "fold_exported_program", "program_inputs", "Refusal", "producer_problem", "fold_into_output_channels"]
@@ -77,8 +78,17 @@ def fold_batchnorm(model: nn.Module | ExportedProgram, *, inplace: bool = False,
     if isinstance(model, ExportedProgram):
         return fold_exported_program(model, inplace=inplace, forward=forward,
                                      weight_standardization=weight_standardization)
-    result = PassManager(fold_passes(example_inputs=example_inputs, forward=forward,
-                                     weight_standardization=weight_standardization))(model, inplace=inplace)
+    # the bake pass scans every module and parameter: run it only where there is something to bake
+    bake = weight_standardization and any(is_weight_standardized_conv(m) for m in model.modules())
+    try:
+        result = PassManager(fold_passes(example_inputs=example_inputs, forward=forward,
+                                         weight_standardization=bake))(model, inplace=inplace)
+    except PassError as exc:
+        # a user error (inputs that do not fit, a model no tracer reads) already names its fix and carries
+        # its exit code: hand it on as raised, not as a failure of the pass
+        if isinstance(exc.__cause__, NormfoldError) and not isinstance(exc.__cause__, PassError):
+            raise exc.__cause__ from None
+        raise
     # PassManager keys metrics by pass; which graph the folds were read from is the result's own fact
     source = result.metrics.get(f"{FoldBatchNormModules.name}.graph_source")
     if source is not None:

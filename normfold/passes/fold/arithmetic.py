@@ -90,15 +90,8 @@ class OutputChannelFold:
         """
         wd = self.weight.detach()
         work = wd if wd.is_contiguous() else wd.contiguous()
-        s = self.scale.to(device=wd.device)
-        if self.kind == "conv_transpose":
-            v = work.view(work.shape[0], work.shape[1], -1)
-            rows_g, cols = v.shape[0] // self.groups, v.shape[1]
-            blocks = [(g * rows_g, (g + 1) * rows_g, s[g * cols:(g + 1) * cols].view(1, cols, 1))
-                      for g in range(self.groups)]
-        else:
-            v = work.view(work.shape[0], 1, -1)
-            blocks = [(0, v.shape[0], None)]
+        s = self.scale.to(device=work.device)
+        v, blocks = _row_blocks(work, self.kind, self.groups, s)
         per_row = s.view(-1, 1, 1)
         rows_per_step = max(1, CHUNK_ELEMS // max(1, v.shape[1] * v.shape[2]))
         with torch.no_grad():
@@ -109,7 +102,7 @@ class OutputChannelFold:
                 v.copy_(buf)
             else:
                 buf = torch.empty((min(rows_per_step, v.shape[0]), *v.shape[1:]), dtype=torch.float64,
-                                  device=wd.device)
+                                  device=work.device)
                 for a, b, sc in blocks:
                     for i in range(a, b, rows_per_step):
                         j = min(b, i + rows_per_step)
@@ -123,39 +116,66 @@ class OutputChannelFold:
         return self.bias
 
 
+def _row_blocks(w: torch.Tensor, kind: str, groups: int, s: torch.Tensor
+                ) -> tuple[torch.Tensor, list[tuple[int, int, torch.Tensor | None]]]:
+    """The weight viewed as (rows, cols, k) and its (first row, end row, scale) blocks.
+
+    Conv/Linear: a row is an output channel, its scale ``s[row]`` (None: per row).
+    ConvTranspose: the rows of group ``g`` share the scale ``s[g*C_out/g:(g+1)*C_out/g]`` along cols.
+    """
+    if kind == "conv_transpose":
+        v = w.view(w.shape[0], w.shape[1], -1)
+        rows_g, cols = v.shape[0] // groups, v.shape[1]
+        return v, [(g * rows_g, (g + 1) * rows_g, s[g * cols:(g + 1) * cols].view(1, cols, 1))
+                   for g in range(groups)]
+    return w.view(w.shape[0], 1, -1), [(0, w.shape[0], None)]
+
+
+def _exact_largest_product(w: torch.Tensor, kind: str, groups: int, s: torch.Tensor) -> torch.Tensor:
+    """max |w * s| over the fold, per row (float64 scalar; NaN propagates)."""
+    if not w.numel():
+        return torch.zeros((), dtype=torch.float64, device=w.device)
+    v, blocks = _row_blocks(w if w.is_contiguous() else w.contiguous(), kind, groups, s)
+    row_max = torch.maximum(v.amax(dim=2), -v.amin(dim=2)).to(torch.float64)  # (rows, cols)
+    largest = torch.zeros((), dtype=torch.float64, device=w.device)
+    for a, b, sc in blocks:
+        prod = row_max[a:b] * (sc[..., 0] if sc is not None else s[a:b].view(-1, 1)).abs()
+        if prod.numel():
+            largest = torch.maximum(largest, prod.max())
+    return largest
+
+
+def _surely_fits(w: torch.Tensor, s: torch.Tensor) -> bool:
+    """True when ``max|w| * max|s|``, a bound on every product, fits the weight's dtype (one pass over ``w``).
+
+    Rounding is monotonic, so then no product can overflow. False (NaN, inf,
+    or a bound past the dtype's range) sends the caller to the exact check.
+    """
+    if not w.numel():
+        return True
+    lo, hi = torch.aminmax(w)  # one pass, the fastest reduction on CPU
+    bound = max(float(hi), -float(lo)) * float(s.abs().max())  # float64, like the fold itself
+    return bound <= torch.finfo(w.dtype).max  # False for NaN
+
+
 def fold_output_channels(weight: torch.Tensor, bias: torch.Tensor | None, kind: str, groups: int,
                          scale: torch.Tensor, shift: torch.Tensor) -> OutputChannelFold | Refusal:
     """Check the fold ``scale * layer(x) + shift`` (per output channel) and prepare it; nothing is written yet.
 
     ``weight`` is the layer's canonical weight (see the module docstring for
-    the layouts); ``scale``/``shift`` are float64. The overflow check needs
-    only ``max |w|`` per row (exact in any dtype) times ``|s|``.
+    the layouts); ``scale``/``shift`` are float64.
     """
     dev = weight.device
     s = scale.to(device=dev, dtype=torch.float64)
     t = shift.to(device=dev, dtype=torch.float64)
-    w = weight.detach()
-    largest = torch.zeros((), dtype=torch.float64, device=dev)  # an empty weight cannot overflow
-    if w.numel():
-        if kind == "conv_transpose":
-            v = w.reshape(w.shape[0], w.shape[1], -1)
-            row_max = torch.maximum(v.amax(dim=2), -v.amin(dim=2)).to(torch.float64)  # (C_in, C_out/g)
-            rows_g, cols = v.shape[0] // groups, v.shape[1]
-            for g in range(groups):
-                prod = row_max[g * rows_g:(g + 1) * rows_g] * s[g * cols:(g + 1) * cols].abs()
-                if prod.numel():
-                    largest = torch.maximum(largest, prod.max())
-        else:
-            v = w.reshape(w.shape[0], -1)
-            # amax/amin propagate NaN and are several times faster than vector_norm(ord=inf) on CPU
-            row_max = torch.maximum(v.amax(dim=1), -v.amin(dim=1)).to(torch.float64)
-            largest = (row_max * s.abs()).max()
-    b64 = bias.detach().to(torch.float64) if bias is not None else torch.zeros_like(s)
-    new_b = b64 * s + t
-    refused = cast_refusal(largest, new_b, weight.dtype)
+    new_b = t.clone() if bias is None else bias.detach().to(torch.float64) * s + t
+    cast_b = new_b.to(weight.dtype)
+    if _surely_fits(weight.detach(), s) and bool(torch.isfinite(cast_b).all()):
+        return OutputChannelFold(weight, kind, groups, s, cast_b)
+    refused = cast_refusal(_exact_largest_product(weight.detach(), kind, groups, s), new_b, weight.dtype)
     if refused is not None:
         return refused
-    return OutputChannelFold(weight, kind, groups, s, new_b.to(weight.dtype))
+    return OutputChannelFold(weight, kind, groups, s, cast_b)
 
 
 def fold_input_channels(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, groups: int,

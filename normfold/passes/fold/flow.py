@@ -179,9 +179,13 @@ class BackwardPart:
     node: torch.fx.Node
     channels: torch.Tensor  # long
     features: torch.Tensor  # long
+    #: channel i is feature i for every channel (the direct pair): no indexing needed
+    direct: bool = False
 
     def scale_shift(self, affine: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s, t)`` per output feature of the producer: the BatchNorm's where it lands, ``(1, 0)`` elsewhere."""
+        if self.direct:
+            return affine.scale, affine.shift
         n = self.producer.out_channels
         scale = torch.ones(n, dtype=torch.float64)
         shift = torch.zeros(n, dtype=torch.float64)
@@ -383,7 +387,7 @@ def _direct(d: FlowReader, p: Producer, node: torch.fx.Node, num_channels: int) 
             return Refusal(f"the BatchNorm normalizes axis 1 of a {len(shape)}-D tensor {tuple(shape)} "
                            "but the Linear writes its features on the last axis", node)
     every = torch.arange(num_channels)
-    return BackwardPlan([BackwardPart(p, node, every, every)], [], [])
+    return BackwardPlan([BackwardPart(p, node, every, every, direct=True)], [], [])
 
 
 def walk_backward(d: FlowReader, bn_node: torch.fx.Node, bn_input: torch.fx.Node, num_channels: int, *,

@@ -129,7 +129,17 @@ class ModuleReader(GraphReader):
     # -- basics -------------------------------------------------------------------------------------
     def module(self, node: torch.fx.Node) -> nn.Module:
         """The live module a ``call_module`` node calls (after edits: what replaced it)."""
-        return self.root.get_submodule(node.target)
+        return self.module_at(node.target)
+
+    def module_at(self, path: str) -> nn.Module:
+        """The live submodule at dotted ``path`` (a plain dict walk: ``get_submodule`` costs 30 us a call)."""
+        m = self.root
+        try:
+            for part in path.split(".") if path else ():
+                m = m._modules[part]
+        except KeyError:
+            raise AttributeError(f"{type(self.root).__name__} has no submodule {path!r}") from None
+        return m
 
     def shape(self, node: torch.fx.Node) -> tuple[int, ...] | None:
         tm = node.meta.get("tensor_meta")

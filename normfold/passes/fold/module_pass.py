@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx
@@ -44,8 +44,8 @@ from torch import nn
 from normfold.errors import TraceError
 from normfold.graph import ModelGraph, build_graph, eval_mode
 from normfold.inputs import infer_input_shapes, model_dtype_device, random_inputs
-from normfold.norms import BatchNormAffine, affine_from_statistics, batchnorm_affine, batchnorm_remnant, \
-    is_batchnorm, set_submodule
+from normfold.norms import STANDARD_BN_FORWARDS, BatchNormAffine, affine_from_statistics, batchnorm_affine, \
+    batchnorm_problem, batchnorm_remnant, is_batchnorm, set_submodule
 from normfold.passes.base import Change, Pass, PassResult, Skip
 from normfold.passes.fold.arithmetic import fold_input_channels, fold_output_channels
 from normfold.passes.fold.flow import BackwardPlan, ForwardPlan, check_constraints, channel_index, walk_backward, \
@@ -81,6 +81,7 @@ def _bn_dtype(bn: nn.Module) -> torch.dtype | None:
 
 
 def _layer_names(root: nn.Module, paths: list[str]) -> str:
+    """``"a.conv (Conv2d), b.fc (Linear)"`` for the change messages."""
     return ", ".join(f"{p} ({type(root.get_submodule(p)).__name__})" for p in paths)
 
 
@@ -125,7 +126,7 @@ class FoldBatchNormModules(Pass):
         functional = []
         for node in list(graph.fx_graph.nodes):
             if node.op == "call_module" and node.target not in seen:
-                m = module.get_submodule(node.target)
+                m = reader.module_at(node.target)
                 if is_batchnorm(m):
                     seen.add(node.target)
                     self._fold_one(reader, node, m, result)
@@ -152,24 +153,31 @@ class FoldBatchNormModules(Pass):
     def _fold_one(self, r: ModuleReader, node: torch.fx.Node, bn: nn.Module, result: PassResult) -> None:
         path = node.target
         refused = self._bn_refusal(r.graph, path, bn)
-        if isinstance(refused, Refusal):
+        if refused is not None:
             result.skipped.append(Skip(self.name, (path,), refused.reason))
             return
-        affine = refused
         if not node.args or not isinstance(node.args[0], torch.fx.Node):
             result.skipped.append(Skip(self.name, (path,), "its input could not be traced"))
             return
         dtype = _bn_dtype(bn)
-        back = walk_backward(r, node, node.args[0], affine.num_features, through_ops=self.through_ops)
+        affine: BatchNormAffine | None = None  # computed once a plan needs it: most refusals are structural
+
+        def the_affine() -> BatchNormAffine:
+            nonlocal affine
+            if affine is None:
+                affine = batchnorm_affine(bn)
+            return affine
+
+        back = walk_backward(r, node, node.args[0], bn.running_mean.numel(), through_ops=self.through_ops)
         if isinstance(back, BackwardPlan):
-            back = check_constraints(back.constraints, affine, dtype) or self._fold_backward(r, node, bn, back,
-                                                                                             affine, result)
+            back = check_constraints(back.constraints, the_affine(), dtype) or self._fold_backward(
+                r, node, bn, back, the_affine(), result)
             if back is None:
                 return
         if not self.forward:
             result.skipped.append(Skip(self.name, self._skip_paths(r, path, back), back.reason))
             return
-        fwd = self._fold_forward(r, node, bn, affine, dtype, result)
+        fwd = self._fold_forward(r, node, bn, the_affine, dtype, result)
         if fwd is not None:
             result.skipped.append(Skip(self.name, (path,), f"{back.reason}; forward: {fwd.reason}"))
 
@@ -182,24 +190,24 @@ class FoldBatchNormModules(Pass):
         return (path,)
 
     @staticmethod
-    def _bn_refusal(graph: ModelGraph, path: str, bn: nn.Module) -> BatchNormAffine | Refusal:
-        """The BatchNorm's affine, or why no fold can remove it (whatever is around it)."""
-        affine = batchnorm_affine(bn)
-        if isinstance(affine, str):
-            return Refusal(affine)
+    def _bn_refusal(graph: ModelGraph, path: str, bn: nn.Module) -> Refusal | None:
+        """Why no fold can remove this BatchNorm, whatever is around it; None when one may."""
+        problem = batchnorm_problem(bn)
+        if problem is not None:
+            return Refusal(problem)
         calls = graph.call_count(path)
         if calls > 1:
             return Refusal(f"called {calls} times in forward(); folding would change every call")
         if bn._forward_hooks or bn._forward_pre_hooks:
             return Refusal("has forward hooks that would be lost")
-        return affine
+        return None
 
     def _fold_backward(self, r: ModuleReader, node: torch.fx.Node, bn: nn.Module, plan: BackwardPlan,
                        affine: BatchNormAffine, result: PassResult) -> Refusal | None:
         """Fold into every producer of the plan, or (one refusing) into none."""
         edits = []
         for part in plan.parts:
-            layer = r.root.get_submodule(part.producer.ref)
+            layer = r.module_at(part.producer.ref)
             fold = fold_output_channels(layer.weight, layer.bias, part.producer.kind, getattr(layer, "groups", 1),
                                         *part.scale_shift(affine))
             if isinstance(fold, Refusal):
@@ -222,13 +230,17 @@ class FoldBatchNormModules(Pass):
                                      {"channels": affine.num_features, "through": list(plan.ops)}))
         return None
 
-    def _fold_forward(self, r: ModuleReader, node: torch.fx.Node, bn: nn.Module, affine: BatchNormAffine,
-                      dtype: torch.dtype | None, result: PassResult) -> Refusal | None:
+    def _fold_forward(self, r: ModuleReader, node: torch.fx.Node, bn: nn.Module,
+                      the_affine: Callable[[], BatchNormAffine], dtype: torch.dtype | None,
+                      result: PassResult) -> Refusal | None:
         """Fold into the layers that read the BatchNorm output, all or none."""
-        rem = batchnorm_remnant(bn)
-        if not isinstance(rem, (nn.Identity, nn.modules.dropout._DropoutNd)) or (
-                isinstance(rem, nn.modules.dropout._DropoutNd) and rem.training):
-            return Refusal(f"{type(rem).__name__} runs inside {type(bn).__name__} after the normalization")
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and type(bn).forward in STANDARD_BN_FORWARDS:
+            pass  # a plain BatchNorm leaves nothing behind (no need to build its remnant to see that)
+        else:
+            rem = batchnorm_remnant(bn)
+            if not isinstance(rem, (nn.Identity, nn.modules.dropout._DropoutNd)) or (
+                    isinstance(rem, nn.modules.dropout._DropoutNd) and rem.training):
+                return Refusal(f"{type(rem).__name__} runs inside {type(bn).__name__} after the normalization")
 
         def index() -> torch.Tensor | Refusal:
             shape = r.shape(node)
@@ -241,12 +253,13 @@ class FoldBatchNormModules(Pass):
         plan = walk_forward(r, node, index)
         if isinstance(plan, Refusal):
             return plan
+        affine = the_affine()
         refused = check_constraints(plan.constraints, affine, dtype)
         if refused is not None:
             return refused
         edits = []
         for h in plan.hits:
-            layer = r.root.get_submodule(h.consumer.ref)
+            layer = r.module_at(h.consumer.ref)
             folded = fold_input_channels(h.consumer.kind, layer.weight, layer.bias, getattr(layer, "groups", 1),
                                          *h.scale_shift(affine))
             if isinstance(folded, Refusal):
@@ -323,7 +336,7 @@ class FoldBatchNormModules(Pass):
         if isinstance(plan, Refusal):
             return skip(plan.reason, *self._skip_paths(r, node.name, plan)[1:])
         part = plan.parts[0]
-        layer = r.root.get_submodule(part.producer.ref)
+        layer = r.module_at(part.producer.ref)
         fold = fold_output_channels(layer.weight, layer.bias, part.producer.kind, getattr(layer, "groups", 1),
                                     affine.scale, affine.shift)
         if isinstance(fold, Refusal):
@@ -358,9 +371,9 @@ class FoldBatchNormModules(Pass):
         for p, m in mods.items():
             if not is_batchnorm(m):
                 continue
-            affine = batchnorm_affine(m)
-            if isinstance(affine, str):
-                result.skipped.append(Skip(self.name, (p,), affine))
+            problem = batchnorm_problem(m)
+            if problem is not None:
+                result.skipped.append(Skip(self.name, (p,), problem))
             elif m._forward_hooks or m._forward_pre_hooks:
                 result.skipped.append(Skip(self.name, (p,), "has forward hooks that would be lost"))
             else:
