@@ -49,6 +49,7 @@ Hugging Face folder and ``<stem>.<step>.pt`` beside a pickled module.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -61,7 +62,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -367,6 +368,31 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] 
     return state, recipe
 
 
+@contextlib.contextmanager
+def _skip_init() -> Iterator[None]:
+    """Make torch.nn.init's in-place initializers no-ops while a model is built for a strict load.
+
+    The random initialization of a model whose every parameter and persistent
+    buffer is then overwritten is wasted time (1.2 s of resnet50's 1.3 s
+    build). This is what transformers' ``no_init_weights`` does too; buffers
+    a module computes itself (``arange``, ``inv_freq``) are not touched.
+    """
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")
+             and callable(getattr(torch.nn.init, n))]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+
+    def keep(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        return tensor
+
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, keep)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], p: Path, what: str) -> None:
     """Strict load that keeps the file's dtypes (``assign=True``: an fp16 file gives fp16 parameters)."""
     extra = {k[len(_EXTRA_PREFIX):]: v for k, v in state.items() if k.startswith(_EXTRA_PREFIX)}
@@ -391,7 +417,8 @@ def _from_state(p: Path, state: dict[str, torch.Tensor], recipe: dict[str, Any] 
         hint = f" (normfold recorded --arch {recorded!r} for this file)" if recorded else ""
         raise ModelLoadError(f"{p} holds a state_dict ({len(state)} tensors) without the model's code; "
                              f"pass --arch pkg.module:factory naming a function that builds the model{hint}")
-    model = build_arch(arch)
+    with _skip_init():  # every parameter and persistent buffer is overwritten by the strict load below
+        model = build_arch(arch)
     if recipe is not None:
         model = recipes.apply_recipe(model, recipe, factory_module=arch_module(arch))
     _load_into(model, state, p, f"--arch {arch}" + (" with normfold's recorded edits" if recipe else ""))
@@ -466,7 +493,8 @@ def _load_hf_dir(p: Path) -> LoadedModel:
     if weights.is_file():
         state, recipe = _read_safetensors(weights)
     if recipe is not None:
-        model = _hf_base(p, cls, transformers, device=None)
+        with _skip_init():  # the strict load overwrites every weight
+            model = _hf_base(p, cls, transformers, device=None)
         model = recipes.apply_recipe(model, recipe)
         _load_into(model, state, weights, f"{name} with normfold's recorded edits")
         return LoadedModel(module=model, path=p, kind="hf", hf_class=name, recipe=True)
