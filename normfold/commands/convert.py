@@ -87,7 +87,7 @@ class ConvertCommand(Command):
         print_pass_result(console, result, title=f"convert --to {step}", verbose=args.verbose)
         n = converted_count(result)
         others = len(result.changes) - n
-        edits = f" (and {others} other edit(s) that make it exact: centring, untying, folded scales)" if others else ""
+        edits = f", with {others} other edit(s) that make it so: centring, untying, folded scales" if others else ""
         if n == 0 and not args.allow_noop:
             final_line(f"FAILED: nothing converted to {step} (left {len(result.skipped)} alone; the reasons are "
                        "listed above); nothing written; pass --allow-noop to accept")
@@ -110,7 +110,7 @@ class ConvertCommand(Command):
             return 1
         out = write_model(args, loaded, result.module, step)
         how = "exact" if exact else "approximate"
-        final_line(f"converted {n} layer(s) to {step} ({how}){edits}, left {len(result.skipped)} alone; max abs "
+        final_line(f"converted {n} layer(s) to {step} ({how}{edits}), left {len(result.skipped)} alone; max abs "
                    f"error {v.max_abs:.3g}, max rel error {v.max_rel:.3g}; wrote {out}")
         return 0
 
