@@ -435,7 +435,7 @@ def _module_term(m: nn.Module, path: str, node: torch.fx.Node, root: torch.fx.No
         w = torch.full((1, 1, *k), 1.0 / div, dtype=torch.float64)
         return _Term(root=root, weight=w, bias=torch.zeros(1, dtype=torch.float64), groups=None, rank=pool_rank,
                      stride=stride, dilation=(1,) * pool_rank, lo=pad, hi=pad, nodes=[node], paths=[path],
-                     convs=1, uniform_cost=math.prod(k) / math.prod(stride))
+                     uniform_cost=math.prod(k) / math.prod(stride))
     if type(m).__module__ == nn.modules.activation.__name__:
         return _Barrier(f"{path} ({type(m).__name__}) is not linear", nonlinear=True)
     return _Barrier(f"{path} ({type(m).__name__}) is not an op this pass merges "
@@ -631,8 +631,13 @@ class _BlockAnalysis:
         return replace(out, nodes=out.nodes + [node])
 
     def _explain(self, node: torch.fx.Node, a: Any, b: Any) -> None:
-        """Why an add of two branches of one tensor was not merged (reported for short branches only:
-        a residual around a whole conv-act-conv stack is not a re-parameterizable block)."""
+        """Why an add of two branches of one tensor was not merged.
+
+        Reported only when the add looks like a re-parameterizable block: every branch short (a
+        nonlinearity with at most one weighted layer on its path, another obstacle with at most
+        two). A residual around a conv-act-conv stack, an attention module or an MLP is not one,
+        and its add is not reported.
+        """
         if not isinstance(a, torch.fx.Node) or not isinstance(b, torch.fx.Node):
             return
         chain_a, chain_b = self._chain(a), self._chain(b)
@@ -640,25 +645,36 @@ class _BlockAnalysis:
         if fork is None:
             return
         where = self.block_path or "<model>"
+        found: list[tuple[tuple[str, ...], str]] = []
         for chain in (chain_a, chain_b):
             path = chain[:chain.index(fork)]
             modules = tuple(self._path(n.target) for n in path if n.op == "call_module")
-            for n in path:
-                if isinstance(self.status.get(n), _Term) and len(n.users) > 1:
-                    readers = ", ".join(u.name for u in n.users if u is not node)
-                    self._skip(node, (where, *modules), f"a branch output ({n.name}) is also read by {readers}")
-                    return
-            convs = sum(st.convs if isinstance(st := self.status.get(n), _Term) else 0 for n in path)
+            weighted = sum(self._weighted(n) for n in path)
             barriers = [self.status[n] for n in path if isinstance(self.status.get(n), _Barrier)]
             barriers += [_Barrier(st.refusal) for n in path
                          if isinstance(st := self.status.get(n), _Term) and st.refusal]
             nonlinear = [s for s in barriers if s.nonlinear]
-            if nonlinear and convs <= 1:
-                self._skip(node, (where, *modules), f"a branch is not linear: {nonlinear[0].reason}")
-                return
-            if barriers and not nonlinear and convs <= 2:
-                self._skip(node, (where, *modules), f"a branch was left: {barriers[0].reason}")
-                return
+            if (nonlinear and weighted > 1) or weighted > 2:
+                return  # a long branch: not a re-parameterizable block
+            shared = [n for n in path if isinstance(self.status.get(n), _Term) and len(n.users) > 1]
+            if shared:
+                readers = ", ".join(u.name for u in shared[0].users if u is not node)
+                found.append(((where, *modules), f"a branch output ({shared[0].name}) is also read by {readers}"))
+            elif nonlinear:
+                found.append(((where, *modules), f"a branch is not linear: {nonlinear[0].reason}"))
+            elif barriers:
+                found.append(((where, *modules), f"a branch was left: {barriers[0].reason}"))
+        if found:
+            self._skip(node, *found[0])
+
+    def _weighted(self, node: torch.fx.Node) -> int:
+        """Weighted layers (conv, linear) a path node stands for: a merged term's convs, an opaque module's."""
+        st = self.status.get(node)
+        if isinstance(st, _Term):
+            return st.convs
+        if node.op == "call_module":
+            return sum(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in self.modules[node.target].modules())
+        return 0
 
     def _chain(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         """``node`` and its producers up through one-input ops (constants aside), nearest first."""

@@ -467,3 +467,36 @@ def test_a_dense_pointwise_after_a_depthwise_merge_is_not_composed():
     r = _merged(model, _x(2, 3, 9, 9))
     block = r.module.body[0]
     assert block.merged_conv.groups == 8 and isinstance(block.pw, nn.Conv2d)  # dw + identity only
+
+
+def test_a_conv_then_pool_chain_alone_is_not_rewritten():
+    """DenseNet's transition (1x1 conv, then a 2x2 avg-pool) is a chain, not a branch merge: left as it is."""
+    model = _prepare(Net(nn.Sequential(nn.Conv2d(8, 8, 1), nn.AvgPool2d(2, 2))))
+    r = _merged(model, _x(2, 3, 8, 8))
+    assert not r.modified and not r.skipped
+
+
+def test_residuals_around_mlps_and_opaque_modules_are_not_reported():
+    class Mlp(nn.Module):  # ConvNeXt-like: dw conv, then two linears around a GELU
+        def __init__(self) -> None:
+            super().__init__()
+            self.dw = nn.Conv2d(8, 8, 7, padding=3, groups=8)
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)
+
+        def forward(self, x):
+            y = self.fc2(self.act(self.fc1(self.dw(x).permute(0, 2, 3, 1))))
+            return x + y.permute(0, 3, 1, 2)
+
+    class Opaque(nn.Module):  # an attention-like module the tracer keeps whole (a leaf with convs inside)
+        def __init__(self) -> None:
+            super().__init__()
+            self.main = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+        def forward(self, x):
+            y = self.main(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape_as(x)
+            return x + y
+
+    model = _prepare(Net(Mlp(), Opaque()))
+    torch.fx.symbolic_trace(model)  # it traces: the silence below is the rule's, not a failed trace
+    r = _merged(model, _x(2, 3, 8, 8))
+    assert not r.modified and not r.skipped
