@@ -29,6 +29,8 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from normfold.errors import InputError
+
 __all__ = ["is_hf_model", "needs_wrapping", "traceable", "flatten_output", "positional_inputs", "export_onnx"]
 
 _SUBCLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
@@ -69,7 +71,8 @@ def positional_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[str,
     params = [p for p in inspect.signature(type(model).forward).parameters.values()
               if p.name != "self" and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(values) > len(params):
-        raise ValueError(f"{type(model).__name__}.forward takes {len(params)} positional inputs, got {len(values)}")
+        raise InputError(f"{type(model).__name__}.forward takes {len(params)} positional inputs, got {len(values)}: "
+                         "pass the example inputs as a dict of keyword inputs")
     return tuple(p.name for p in params[: len(values)]), values
 
 

@@ -17,29 +17,63 @@ hidden axis, so multiplying its output by the centring projection
 ``P = I - 11^T/d`` is a change of parameters:
 
 * Linear ``y = W u + c``: ``W <- P W`` (subtract the mean over output features, axis 0), ``c <- P c``;
+  a Linear subclass with its own ``forward`` counts when that forward, traced, is ``x W^T (+ b)``
+  and nothing else (Falcon's ``FalconLinear``);
+* ``addmm(c, A, B) = c + A B`` and ``A @ B`` (Hugging Face GPT-2's ``Conv1D``, an (in, out) weight):
+  ``B`` and ``c`` centred along their last (output) axis;
 * Conv (groups=1) writing channels that become the hidden axis: the same on the output-channel axis;
 * Embedding (and embedding-like parameters: position embeddings, class tokens):
   subtract each vector's mean over the hidden axis;
-* MultiheadAttention: its ``out_proj`` as a Linear.
+* MultiheadAttention: its ``out_proj`` as a Linear;
+* a per-feature scale on a writer (LayerScale: ``s * Linear(u)`` with ``s`` a parameter read only
+  there) is folded into it first as a diagonal scale, ``W <- diag(s) W``, ``c <- s * c``, ``s <- 1``,
+  and the writer is then centred as usual.
+
+Writers are recognised by what the graph shows they compute, never by class name.
 
 Every LayerNorm is invariant to adding a constant along its normalized axis,
 ``LN(x) = LN(P x)``, so if the centred stream is read *only* by LayerNorms
 (through ops that commute with ``P``: residual adds of centred streams, eval
-dropout, identity, slicing / selecting / concatenating / permuting / reshaping
-along the other axes, means over the other axes, scaling by a constant) then
+dropout, identity, dtype casts, slicing / selecting / concatenating / permuting /
+reshaping / expanding along the other axes, means over the other axes, scaling
+by a constant) then
 the model's output does not change, and afterwards every such LayerNorm sees a
 mean-free input and equals an RMSNorm with the same scale, shift and eps. The
 arithmetic is done in float64 and cast back once.
 
 The dataflow comes from :func:`normfold.graph.build_graph` (torch.fx, or
 torch.export with example inputs). Streams are found by walking back from each
-LayerNorm's input with the hidden axis tracked through every op. A stream is
-refused, with the op named, when anything else reads it: a post-LN block (the
-stream is a LayerNorm's output, also read by the next block's projections), a
-head reading the stream without a final LayerNorm, an activation, a gate. A
-weight tied to a reader that must keep it (an LM head tied to the token
-embedding) is untied first and the untie is reported. Exactness holds for eval
-forwards: dropout on the stream in training mode breaks the mean-free property.
+LayerNorm's input with the hidden axis tracked through every op; shapes come from
+the example inputs (torch.export placeholders get theirs from the recorded fake
+values). A stream is refused, with the op named, when anything else reads it: a
+post-LN block (the stream is a LayerNorm's output, also read by the next block's
+projections), a head or the model output reading the stream without a final
+LayerNorm, a gate. A weight tied to a reader that must keep it (an LM head tied
+to the token embedding) is untied first and the untie is reported; which holder
+of a tied tensor the stream reads comes from the graph, under torch.fx from the
+attribute read, under torch.export (one placeholder per tied tensor) from the
+module the reading op runs in. Exactness holds for eval forwards: dropout on
+the stream in training mode breaks the mean-free property.
+
+One explicit centring op. Where a stream starts at a map that is not linear in
+any parameter (a GELU conv stem as in Whisper's encoder, an embedding LayerNorm
+as in BLOOM, CLIP's ``pre_layrnorm``), no weight can centre it; normfold then
+inserts ``x - mean(x)`` over the hidden axis once, at that point, and every
+LayerNorm downstream becomes an exact RMSNorm. It is a forward hook
+(:class:`CentreOutput`) on the module computing the stream's start, or, for a
+functional start, a forward pre-hook (:class:`CentreInput`) on the first module
+the stream enters; it costs ``2 d`` FLOPs per token, what the centring part of
+one LayerNorm costs, and is reported as a ``centre_op`` change with that cost.
+The rule: at most one op per stream, and only when the stream feeds at least
+:data:`MIN_LAYERNORMS_PER_CENTRING_OP` (2) LayerNorm calls, each of which then
+saves its own mean and subtraction; otherwise the stream is converted
+approximately, with the reason. The hook lives on the module object (deep
+copies, ``torch.save`` of the module, torch.export and ONNX keep it), not in a
+``state_dict``.
+
+Hugging Face models are analysed as they come (:mod:`normfold.hf`): keyword
+``example_inputs`` (a dict), caches off during the analysis and restored, the
+``ModelOutput`` flattened to its tensors.
 
 ``mode="approx"`` swaps every LayerNorm for RMSNorm with the LayerNorm's scale
 and eps and no centring; the output changes by the LayerNorm input's mean, and
@@ -1552,8 +1586,10 @@ def layernorm_to_rmsnorm(model: nn.Module, *, mode: str = "auto", example_inputs
     without centring; ``"auto"`` (default) is exact where possible and
     approximate elsewhere. The LayerNorm's shift is folded into the following
     Linear when that Linear alone reads it (``fold_bias=True``), else kept in
-    :class:`RMSNormWithBias`. ``example_inputs`` (a tensor or a tuple of
-    positional inputs; inferred from the first layer when omitted) give the
+    :class:`RMSNormWithBias`. ``example_inputs`` (a tensor, a tuple of
+    positional inputs, or a dict of keyword inputs such as a Hugging Face
+    model's ``input_ids`` and ``attention_mask``; inferred from the first layer
+    when omitted) give the
     tensor shapes the analysis needs and the inputs on which the output error
     is measured: ``metrics["layers"][path]`` has each layer's ``max_abs_error``
     and ``rel_error`` (relative to the layer's max |output|) between its output

@@ -62,9 +62,10 @@ EXPECT: dict[str, Expect] = {
     "biogpt": Expect(True, ("untie",)),
     "codegen": Expect(True),
     "gpt_neo": Expect(True, ("untie",)),
-    "xglm": Expect(True, ("untie",)),
+    "xglm": Expect(True, ("untie", "centre_op")),  # sinusoidal positions: a computed table, one centring op
     "mpt": Expect(True, ("untie",)),
     "stablelm": Expect(True),
+    "gpt_bigcode": Expect(True, ("untie",)),
     "beit": Expect(True, ("fold_scale",)),          # LayerScale (lambda_1, lambda_2) folded into the writers
     "dinov2": Expect(True, ("fold_scale",)),        # Dinov2LayerScale
     "clip_vision": Expect(False, reason="also read by the model output", exact_layers=1),  # pre_layrnorm exact;
