@@ -413,8 +413,12 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], p: Path, what: 
 
 def _from_state(p: Path, state: dict[str, torch.Tensor], recipe: dict[str, Any] | None, arch: str | None) -> LoadedModel:
     if arch is None:
-        recorded = (recipe or {}).get("base", {}).get("arch")
+        base = (recipe or {}).get("base", {})
+        recorded = base.get("arch")
         hint = f" (normfold recorded --arch {recorded!r} for this file)" if recorded else ""
+        if base.get("hf_class"):
+            raise ModelLoadError(f"{p} holds the weights of a Hugging Face {base['hf_class']}; load the folder it "
+                                 "is in (with its config.json)")
         raise ModelLoadError(f"{p} holds a state_dict ({len(state)} tensors) without the model's code; "
                              f"pass --arch pkg.module:factory naming a function that builds the model{hint}")
     with _skip_init():  # every parameter and persistent buffer is overwritten by the strict load below

@@ -213,6 +213,8 @@ def test_hugging_face_folder_in_and_out(tmp_path: Path) -> None:
     # tied weights stay tied (stored once in the file)
     emb = again.bert.embeddings.word_embeddings.weight
     assert again.cls.predictions.decoder.weight.data_ptr() == emb.data_ptr()
+    with pytest.raises(ModelLoadError, match="load the folder"):
+        load_model(out / "model.safetensors")
     # writing again replaces normfold's own folder; a foreign folder is refused
     save_model(rewritten, out, source=loaded)
     (tmp_path / "other").mkdir()
