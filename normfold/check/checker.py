@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -183,7 +184,6 @@ def check(reference: nn.Module, *, candidate: nn.Module | None = None, onnx: Any
     (inputs that do not fit the reference, a missing ONNX file).
     """
     t_start = time.perf_counter()
-    say = progress or (lambda msg: log.info(msg))
     if not isinstance(reference, nn.Module):
         raise UsageError(f"reference must be a torch.nn.Module, got {type(reference).__name__}")
     if candidate is not None and not isinstance(candidate, nn.Module):
@@ -192,216 +192,273 @@ def check(reference: nn.Module, *, candidate: nn.Module | None = None, onnx: Any
     requested = resolve_providers(providers)
     if require_provider is not None:
         resolve_providers([require_provider])  # a typo is a usage error, before any work
-    sizes = sorted({int(b) for b in batch_sizes if int(b) >= 1}) or list(DEFAULT_BATCH_SIZES)
-
     ref = _eval_copy(reference)
     x, input_source = _resolve_inputs(ref, inputs, input_shapes, seed)
     dtype, _ = model_dtype_device(ref)
     # None: every output is held to the policy of its comparison dtype (normfold.verify's one rule); numbers given
     # replace it. ``tol`` is what the report states: the explicit rule, or the policy of the reference's dtype.
     explicit = resolve_tolerance(atol=atol, rtol=rtol, scale_tol=scale_tol)
-    tol = explicit if explicit is not None else policy(dtype)
+    run = _Run(ref=ref, x=x, explicit=explicit, tol=explicit if explicit is not None else policy(dtype), seed=seed,
+               sizes=sorted({int(b) for b in batch_sizes if int(b) >= 1}) or list(DEFAULT_BATCH_SIZES),
+               probes=probes, requested=requested, threads=threads,
+               say=progress or (lambda msg: log.info(msg)))
 
-    checks: list[CheckResult] = []
-    stages: list[StageInfo] = []
+    _stage_original(run)
+    _stage_candidate(run, candidate)
+    if probes:
+        _eager_probes(run, reference, candidate)
+    try:
+        _stage_onnx(run, onnx=onnx, export=export, opset=opset, save_onnx=save_onnx,
+                    require_provider=require_provider, candidate=candidate)
+        _blame(run, localize=localize)
+    finally:
+        if run.tmpdir is not None:
+            shutil.rmtree(run.tmpdir, ignore_errors=True)
+    return _report(run, input_source, time.perf_counter() - t_start)
 
-    # -- stage 1: the original, eval --------------------------------------------------------------------
-    say("running the original model (eval)")
+
+@dataclass
+class _Run:
+    """What the stages of one :func:`check` share: the inputs and rule, and what each stage found."""
+
+    ref: nn.Module
+    x: tuple[torch.Tensor, ...]
+    explicit: Tolerance | None
+    tol: Tolerance
+    seed: int
+    sizes: list[int]
+    probes: bool
+    requested: list[str]
+    threads: int | None
+    say: Callable[[str], None]
+    checks: list[CheckResult] = field(default_factory=list)
+    stages: list[StageInfo] = field(default_factory=list)
+    ref_out: dict[str, torch.Tensor] = field(default_factory=dict)
+    cand_model: nn.Module | None = None
+    cand_out: dict[str, torch.Tensor] | None = None
+    cand_failed: bool = False
+    proto: Any = None
+    onnx_info: dict[str, Any] = field(default_factory=dict)
+    runtime: OrtRuntime | None = None
+    onnx_out: dict[str, torch.Tensor] | None = None
+    onnx_failed: bool = False
+    tmpdir: str | None = None
+    blamed: str | None = None
+    divergence: Any = None
+
+    @property
+    def exported_from(self) -> nn.Module:
+        """The model the ONNX stage exports (and localizes against): the candidate, else the original."""
+        return self.cand_model if self.cand_model is not None else self.ref
+
+
+def _stage_original(run: _Run) -> None:
+    """Stage 1: the original, a deep copy in eval; inputs that do not fit it are unusable input."""
+    run.say("running the original model (eval)")
     t0 = time.perf_counter()
     try:
-        ref_out = _run_eager(ref, x)
+        run.ref_out = _run_eager(run.ref, run.x)
     except Exception as exc:
         raise InputError(f"the inputs do not fit the reference model ({_short_error(exc)}); pass inputs of the "
                          "shape its forward() expects (--input-shape or --inputs)") from exc
-    if not ref_out:
+    if not run.ref_out:
         raise InputError("the reference model returned no tensor; normfold compares tensor outputs")
-    stages.append(StageInfo("original", "reference model, deep copy in eval mode, PyTorch", True,
-                            time.perf_counter() - t0))
+    run.stages.append(StageInfo("original", "reference model, deep copy in eval mode, PyTorch", True,
+                                time.perf_counter() - t0))
 
-    # -- stage 2: the candidate, as it is -----------------------------------------------------------------
-    cand_model: nn.Module | None = None
-    cand_out: dict[str, torch.Tensor] | None = None
-    cand_failed = False
-    if candidate is not None:
-        say("running the candidate model")
-        # as it is, training flags included; preserved_buffers puts back any running statistics a forward in
-        # training mode updates, so the caller's model is not changed (and no second copy of it is made)
-        cand_model = candidate
-        t0 = time.perf_counter()
-        err = None
-        try:
-            cand_out = _run_eager(cand_model, x)
-        except Exception as exc:
-            err = _short_error(exc)
-        secs = time.perf_counter() - t0
-        stages.append(StageInfo("candidate", "transformed model, as given, PyTorch", True, secs, err))
-        if err is not None:
-            checks.append(CheckResult("outputs[candidate]", FAILED, f"the candidate's forward raised {err}", secs))
-            cand_failed = True
-        else:
-            cs = compare_flat(ref_out, cand_out, explicit)
-            cand_failed = not all(c.passed for c in cs)
-            checks.append(CheckResult("outputs[candidate]", FAILED if cand_failed else PASSED,
-                                      _summarize(cs, "the original"), secs, comparisons=cs))
-    else:
-        stages.append(StageInfo("candidate", "no candidate model given", False))
-        checks.append(CheckResult("outputs[candidate]", SKIPPED, "no candidate model given"))
 
-    # eager probes: on the candidate, or on the reference when there is none
-    eager_model = cand_model if cand_model is not None else ref
-    if probes:
-        t0 = time.perf_counter()
-        if cand_model is not None:
-            findings = training_modules(candidate)
-            checks.append(_findings_check("training_mode[eager]", findings, "no module of the candidate is in "
-                                          "training mode", time.perf_counter() - t0))
-        else:
-            orig_training = training_modules(reference)
-            note = [Finding("warning", "the original model was in training mode; the reference is its eval copy",
-                            "original")] if orig_training else []
-            checks.append(CheckResult("training_mode[eager]", SKIPPED, "no candidate: the reference is the original "
-                                      "forced to eval", 0.0, findings=note))
-        say("batch independence (eager)")
-        t0 = time.perf_counter()
-        probe = batch_independence(lambda feed: _run_eager(eager_model, feed), x, seed=seed, tol=explicit,
-                                   batch_sizes=sizes, known=cand_out if cand_model is not None else ref_out)
-        checks.append(_batch_check("batch_independence[eager]", probe, time.perf_counter() - t0, sizes))
-
-    # -- stage 3: ONNX in onnxruntime -------------------------------------------------------------------
-    proto = None
-    onnx_info: dict[str, Any] = {}
-    runtime: OrtRuntime | None = None
-    onnx_out: dict[str, torch.Tensor] | None = None
-    onnx_failed = False
-    tmpdir: str | None = None
-    exported_from: nn.Module = cand_model if cand_model is not None else ref
-    onnx_skip_reason: str | None = None
+def _stage_candidate(run: _Run, candidate: nn.Module | None) -> None:
+    """Stage 2: the candidate, as it is (training flags included), compared with the original."""
+    if candidate is None:
+        run.stages.append(StageInfo("candidate", "no candidate model given", False))
+        run.checks.append(CheckResult("outputs[candidate]", SKIPPED, "no candidate model given"))
+        return
+    run.say("running the candidate model")
+    # as it is, training flags included; preserved_buffers puts back any running statistics a forward in
+    # training mode updates, so the caller's model is not changed (and no second copy of it is made)
+    run.cand_model = candidate
+    t0 = time.perf_counter()
+    err = None
     try:
-        src: Any = None
-        if onnx is not None:
-            src, proto = _load_onnx(onnx)
-            onnx_info["path"] = str(onnx) if isinstance(onnx, (str, os.PathLike)) else None
-            onnx_info["source"] = "given"
-        elif export:
-            say("exporting to ONNX (torch.onnx.export, dynamo)")
-            from normfold.export import EXTERNAL_DATA_THRESHOLD, _tensor_bytes, export_onnx
+        run.cand_out = _run_eager(candidate, run.x)
+    except Exception as exc:
+        err = _short_error(exc)
+    secs = time.perf_counter() - t0
+    run.stages.append(StageInfo("candidate", "transformed model, as given, PyTorch", True, secs, err))
+    if err is not None:
+        run.checks.append(CheckResult("outputs[candidate]", FAILED, f"the candidate's forward raised {err}", secs))
+        run.cand_failed = True
+        return
+    cs = compare_flat(run.ref_out, run.cand_out, run.explicit)
+    run.cand_failed = not all(c.passed for c in cs)
+    run.checks.append(CheckResult("outputs[candidate]", FAILED if run.cand_failed else PASSED,
+                                  _summarize(cs, "the original"), secs, comparisons=cs))
 
-            path = None
-            if save_onnx is not None:
-                path = Path(save_onnx)
-            elif _tensor_bytes(exported_from) > EXTERNAL_DATA_THRESHOLD:
-                tmpdir = tempfile.mkdtemp(prefix="normfold-check-")
-                path = Path(tmpdir) / "model.onnx"
-            t0 = time.perf_counter()
-            try:
-                res = export_onnx(exported_from, x, path, opset=opset)
-            except ExportError as exc:
-                from normfold.pipeline import interrupted_by
 
-                if interrupted_by(exc):  # Ctrl-C is the user stopping the check, not a failed export
-                    raise KeyboardInterrupt from exc
-                checks.append(CheckResult("export", FAILED, str(exc), time.perf_counter() - t0))
-                onnx_skip_reason = "the export failed"
-            else:
-                checks.append(CheckResult("export", PASSED, f"exported at opset {res.opset} ({res.opset_reason}) in "
-                                          f"{res.seconds:.1f}s; onnx.checker passed", time.perf_counter() - t0,
-                                          findings=[Finding("warning", w, "export") for w in res.warnings]))
-                onnx_info.update(res.to_dict())
-                onnx_info["export_seconds"] = res.seconds
-                onnx_info["source"] = "exported from the candidate" if cand_model is not None else \
-                    "exported from the original"
-                proto = res.model_proto if res.model_proto is not None else _load_graph(res.path)
-                src = res.model_bytes if res.model_bytes is not None else str(res.path)
-        else:
-            onnx_skip_reason = "no ONNX model given (and export=False)"
+def _eager_probes(run: _Run, reference: nn.Module, candidate: nn.Module | None) -> None:
+    """Training-mode modules and batch independence in PyTorch: on the candidate, or the reference without one."""
+    t0 = time.perf_counter()
+    if run.cand_model is not None:
+        findings = training_modules(candidate)
+        run.checks.append(_findings_check("training_mode[eager]", findings, "no module of the candidate is in "
+                                          "training mode", time.perf_counter() - t0))
+    else:
+        orig_training = training_modules(reference)
+        note = [Finding("warning", "the original model was in training mode; the reference is its eval copy",
+                        "original")] if orig_training else []
+        run.checks.append(CheckResult("training_mode[eager]", SKIPPED, "no candidate: the reference is the original "
+                                      "forced to eval", 0.0, findings=note))
+    run.say("batch independence (eager)")
+    t0 = time.perf_counter()
+    eager_model = run.exported_from
+    probe = batch_independence(lambda feed: _run_eager(eager_model, feed), run.x, seed=run.seed, tol=run.explicit,
+                               batch_sizes=run.sizes, known=run.cand_out if run.cand_model is not None else run.ref_out)
+    run.checks.append(_batch_check("batch_independence[eager]", probe, time.perf_counter() - t0, run.sizes))
 
-        if src is not None:
-            from normfold.check.probes import onnx_opset
-            from normfold.export import batch_dims
 
-            onnx_info.setdefault("opset", onnx_opset(proto))
-            onnx_info.setdefault("batch_dims", batch_dims(proto))
-            say("starting onnxruntime")
-            t0 = time.perf_counter()
-            try:
-                runtime = create_session(src, requested, threads=threads, require=require_provider)
-            except ModelLoadError as exc:
-                if onnx is not None and isinstance(onnx, (str, os.PathLike)) and not Path(onnx).exists():
-                    raise
-                secs = time.perf_counter() - t0
-                stages.append(StageInfo("onnx", "ONNX model in onnxruntime", False, secs, str(exc)))
-                checks.append(CheckResult("outputs[onnx]", FAILED, str(exc), secs))
-                onnx_failed = True
-            if runtime is not None:
-                checks.append(_provider_check(runtime, require_provider))
-                say("running the ONNX model")
-                err = None
-                try:
-                    outs = runtime.run(x)
-                    onnx_out = name_outputs(list(ref_out), outs)
-                except Exception as exc:
-                    err = _short_error(exc)
-                secs = time.perf_counter() - t0
-                stages.append(StageInfo("onnx", f"ONNX model in onnxruntime on {runtime.provider}", True, secs, err))
-                if err is not None:
-                    checks.append(CheckResult("outputs[onnx]", FAILED, f"onnxruntime could not run the inputs: {err}",
-                                              secs))
-                    onnx_failed = True
-                else:
-                    cs = compare_flat(ref_out, onnx_out, explicit)
-                    onnx_failed = not all(c.passed for c in cs)
-                    details: dict[str, Any] = {}
-                    msg = _summarize(cs, "the original")
-                    if cand_out is not None:
-                        vs_cand = compare_flat(cand_out, onnx_out, explicit)
-                        details["vs_candidate"] = [c.to_dict() for c in vs_cand]
-                        same = all(c.passed for c in vs_cand)
-                        msg += "; " + ("matches the candidate" if same else "differs from the candidate too")
-                    checks.append(CheckResult("outputs[onnx]", FAILED if onnx_failed else PASSED, msg, secs,
-                                              comparisons=cs, details=details))
-            if probes:
-                _onnx_probes(checks, proto, runtime, x, seed, explicit, sizes, candidate, say, onnx_out)
-        else:
-            reason = onnx_skip_reason or "no ONNX model"
-            stages.append(StageInfo("onnx", reason, False))
-            checks.append(CheckResult("provider", SKIPPED, f"onnxruntime not run: {reason}"))
-            checks.append(CheckResult("outputs[onnx]", SKIPPED, reason))
-            if probes:
-                for name in ("training_mode[onnx]", "dynamic_batch[onnx]", "norm_lint[onnx]",
-                             "batch_independence[onnx]"):
-                    checks.append(CheckResult(name, SKIPPED, reason))
+def _export_for_check(run: _Run, opset: int | None, save_onnx: str | os.PathLike | None) -> Any:
+    """Export the candidate (or the original) for the ONNX stage; the ``export`` check. Returns what onnxruntime
+    loads, or None when the export failed (the failure is a check, an interruption is not)."""
+    run.say("exporting to ONNX (torch.onnx.export, dynamo)")
+    from normfold.export import EXTERNAL_DATA_THRESHOLD, _tensor_bytes, export_onnx
 
-        # -- blame and localization -------------------------------------------------------------------------
-        blamed = None
-        if cand_failed:
-            blamed = "candidate"
-        elif onnx_failed:
-            blamed = "onnx"
-        divergence = None
-        if blamed and localize:
-            say(f"localizing the mismatch in stage {blamed}")
-            try:
-                divergence = _localize(blamed, ref, cand_model, exported_from, proto, x, requested, threads,
-                                       tol.scaled or LOCALIZE)
-            except Exception as exc:  # localization is a diagnosis: it must never hide the verdict
-                log.warning("could not localize the mismatch: %s", _short_error(exc))
-            if divergence is not None:
-                for c in checks:
-                    if c.name == f"outputs[{blamed}]" and c.status == FAILED:
-                        c.message += f"; {divergence.describe()}"
-                        c.details["divergence"] = divergence.to_dict()
-    finally:
-        if tmpdir is not None:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+    path = None
+    if save_onnx is not None:
+        path = Path(save_onnx)
+    elif _tensor_bytes(run.exported_from) > EXTERNAL_DATA_THRESHOLD:
+        run.tmpdir = tempfile.mkdtemp(prefix="normfold-check-")
+        path = Path(run.tmpdir) / "model.onnx"
+    t0 = time.perf_counter()
+    try:
+        res = export_onnx(run.exported_from, run.x, path, opset=opset)
+    except ExportError as exc:
+        from normfold.pipeline import interrupted_by
 
+        if interrupted_by(exc):  # Ctrl-C is the user stopping the check, not a failed export
+            raise KeyboardInterrupt from exc
+        run.checks.append(CheckResult("export", FAILED, str(exc), time.perf_counter() - t0))
+        return None
+    run.checks.append(CheckResult("export", PASSED, f"exported at opset {res.opset} ({res.opset_reason}) in "
+                                  f"{res.seconds:.1f}s; onnx.checker passed", time.perf_counter() - t0,
+                                  findings=[Finding("warning", w, "export") for w in res.warnings]))
+    run.onnx_info.update(res.to_dict())
+    run.onnx_info["export_seconds"] = res.seconds
+    run.onnx_info["source"] = "exported from the candidate" if run.cand_model is not None else \
+        "exported from the original"
+    run.proto = res.model_proto if res.model_proto is not None else _load_graph(res.path)
+    return res.model_bytes if res.model_bytes is not None else str(res.path)
+
+
+def _stage_onnx(run: _Run, *, onnx: Any, export: bool, opset: int | None, save_onnx: str | os.PathLike | None,
+                require_provider: str | None, candidate: nn.Module | None) -> None:
+    """Stage 3: the ONNX model (given, or exported here) in onnxruntime, compared with the original and the
+    candidate; the provider check and the ONNX probes."""
+    src: Any = None
+    skip_reason: str | None = None
+    if onnx is not None:
+        src, run.proto = _load_onnx(onnx)
+        run.onnx_info["path"] = str(onnx) if isinstance(onnx, (str, os.PathLike)) else None
+        run.onnx_info["source"] = "given"
+    elif export:
+        src = _export_for_check(run, opset, save_onnx)
+        if src is None:
+            skip_reason = "the export failed"
+    else:
+        skip_reason = "no ONNX model given (and export=False)"
+
+    if src is None:
+        reason = skip_reason or "no ONNX model"
+        run.stages.append(StageInfo("onnx", reason, False))
+        run.checks.append(CheckResult("provider", SKIPPED, f"onnxruntime not run: {reason}"))
+        run.checks.append(CheckResult("outputs[onnx]", SKIPPED, reason))
+        if run.probes:
+            for name in ("training_mode[onnx]", "dynamic_batch[onnx]", "norm_lint[onnx]", "batch_independence[onnx]"):
+                run.checks.append(CheckResult(name, SKIPPED, reason))
+        return
+
+    from normfold.check.probes import onnx_opset
+    from normfold.export import batch_dims
+
+    run.onnx_info.setdefault("opset", onnx_opset(run.proto))
+    run.onnx_info.setdefault("batch_dims", batch_dims(run.proto))
+    run.say("starting onnxruntime")
+    t0 = time.perf_counter()
+    try:
+        run.runtime = create_session(src, run.requested, threads=run.threads, require=require_provider)
+    except ModelLoadError as exc:
+        if onnx is not None and isinstance(onnx, (str, os.PathLike)) and not Path(onnx).exists():
+            raise
+        secs = time.perf_counter() - t0
+        run.stages.append(StageInfo("onnx", "ONNX model in onnxruntime", False, secs, str(exc)))
+        run.checks.append(CheckResult("outputs[onnx]", FAILED, str(exc), secs))
+        run.onnx_failed = True
+    if run.runtime is not None:
+        _run_onnx(run, require_provider, t0)
+    if run.probes:
+        _onnx_probes(run.checks, run.proto, run.runtime, run.x, run.seed, run.explicit, run.sizes, candidate, run.say,
+                     run.onnx_out)
+
+
+def _run_onnx(run: _Run, require_provider: str | None, t0: float) -> None:
+    """Run the session on the inputs and compare its outputs with the original's (and the candidate's)."""
+    runtime = run.runtime
+    assert runtime is not None
+    run.checks.append(_provider_check(runtime, require_provider))
+    run.say("running the ONNX model")
+    err = None
+    try:
+        outs = runtime.run(run.x)
+        run.onnx_out = name_outputs(list(run.ref_out), outs)
+    except Exception as exc:
+        err = _short_error(exc)
+    secs = time.perf_counter() - t0
+    run.stages.append(StageInfo("onnx", f"ONNX model in onnxruntime on {runtime.provider}", True, secs, err))
+    if err is not None:
+        run.checks.append(CheckResult("outputs[onnx]", FAILED, f"onnxruntime could not run the inputs: {err}", secs))
+        run.onnx_failed = True
+        return
+    cs = compare_flat(run.ref_out, run.onnx_out, run.explicit)
+    run.onnx_failed = not all(c.passed for c in cs)
+    details: dict[str, Any] = {}
+    msg = _summarize(cs, "the original")
+    if run.cand_out is not None:
+        vs_cand = compare_flat(run.cand_out, run.onnx_out, run.explicit)
+        details["vs_candidate"] = [c.to_dict() for c in vs_cand]
+        same = all(c.passed for c in vs_cand)
+        msg += "; " + ("matches the candidate" if same else "differs from the candidate too")
+    run.checks.append(CheckResult("outputs[onnx]", FAILED if run.onnx_failed else PASSED, msg, secs,
+                                  comparisons=cs, details=details))
+
+
+def _blame(run: _Run, *, localize: bool) -> None:
+    """Blame the first stage whose outputs differ from the original's and, with ``localize``, name the first
+    layer where it diverges from the stage before it (a diagnosis: it never changes the verdict)."""
+    run.blamed = "candidate" if run.cand_failed else "onnx" if run.onnx_failed else None
+    if not run.blamed or not localize:
+        return
+    run.say(f"localizing the mismatch in stage {run.blamed}")
+    try:
+        run.divergence = _localize(run.blamed, run.ref, run.cand_model, run.exported_from, run.proto, run.x,
+                                   run.requested, run.threads, run.tol.scaled or LOCALIZE)
+    except Exception as exc:  # localization is a diagnosis: it must never hide the verdict
+        log.warning("could not localize the mismatch: %s", _short_error(exc))
+    if run.divergence is not None:
+        for c in run.checks:
+            if c.name == f"outputs[{run.blamed}]" and c.status == FAILED:
+                c.message += f"; {run.divergence.describe()}"
+                c.details["divergence"] = run.divergence.to_dict()
+
+
+def _report(run: _Run, input_source: str, seconds: float) -> CheckReport:
     order = {"provider": 0, "export": 1, "outputs[candidate]": 2, "outputs[onnx]": 3}
-    checks.sort(key=lambda c: order.get(c.name, 10))
+    run.checks.sort(key=lambda c: order.get(c.name, 10))
+    runtime, tol = run.runtime, run.tol
     report = CheckReport(
-        checks=checks, stages=stages, seed=seed, inputs=_describe_inputs(x), input_source=input_source,
+        checks=run.checks, stages=run.stages, seed=run.seed, inputs=_describe_inputs(run.x), input_source=input_source,
         atol=tol.atol, rtol=tol.rtol, scale_tol=tol.scaled, provider=runtime.provider if runtime is not None else None,
-        provider_note=runtime.describe() if runtime is not None else "", providers_requested=requested,
-        blamed_stage=blamed, divergence=divergence, onnx={k: v for k, v in onnx_info.items() if k != "warnings"},
-        environment=environment(), seconds=time.perf_counter() - t_start)
+        provider_note=runtime.describe() if runtime is not None else "", providers_requested=run.requested,
+        blamed_stage=run.blamed, divergence=run.divergence,
+        onnx={k: v for k, v in run.onnx_info.items() if k != "warnings"}, environment=environment(), seconds=seconds)
     log.info(report.final_line())
     return report
 
