@@ -1,6 +1,6 @@
 """Load and save model files, safely: the library's one entry for files.
 
-Loading rules (DESIGN.md, "Model files"):
+Loading rules (docs/architecture.md, "Model files"):
 
 * ``.pt`` / ``.pth`` / ``.bin`` are read with ``torch.load(weights_only=True)``.
   A file that holds a pickled ``nn.Module`` needs ``trust=True`` (``--trust``):

@@ -1,6 +1,6 @@
 """``normfold.check``: prove that what will ship computes what the trained model computes in eval.
 
-Stages, in order (DESIGN.md, "Checker semantics"):
+Stages, in order (docs/architecture.md, "Checker semantics"):
 
 1. ``original``: a deep copy of the reference model forced to eval, in PyTorch
    (its modules are copied; its weights are the original's tensors, read only).

@@ -1,7 +1,7 @@
 """What every subcommand shares: argument groups, loading, inputs, verification, reports, writing.
 
 Subcommands stay thin: they call the library and use these helpers to print
-and to write files by the same rules (DESIGN.md, "Model files").
+and to write files by the same rules (docs/architecture.md, "Model files").
 """
 
 from __future__ import annotations
