@@ -926,7 +926,8 @@ class MergeBranches(Pass):
             return fall_back(f"the merged conv would need padding {t.lo} before and {t.hi} after")
         # the merged conv must not cost more than what it replaces (a dense 1x1 after a depthwise kxk)
         if t.conv_macs() > t.cost * (1 + 1e-9) + 1e-9:
-            return fall_back(None)
+            return fall_back(f"one conv would cost {t.conv_macs():.0f} multiply-adds per input pixel, the branches "
+                             f"{t.cost:.0f}" if t.merges else None)
         for user in t.root.users:
             if user not in t.nodes and _is_inplace(user, analysis.modules):
                 return fall_back(f"{user.name} modifies the branches' input in place")

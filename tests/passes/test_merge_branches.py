@@ -500,3 +500,84 @@ def test_residuals_around_mlps_and_opaque_modules_are_not_reported():
     torch.fx.symbolic_trace(model)  # it traces: the silence below is the rule's, not a failed trace
     r = _merged(model, _x(2, 3, 8, 8))
     assert not r.modified and not r.skipped
+
+
+# ---------------------------------------------------------------------------------------------- property
+
+
+class _RandomBlock(nn.Module):
+    """Branches drawn by hypothesis, added or subtracted, optionally a BN and a ReLU after the sum."""
+
+    def __init__(self, branches: nn.ModuleList, signs: list[float], post: nn.Module) -> None:
+        super().__init__()
+        self.branches, self.signs, self.post = branches, signs, post
+
+    def forward(self, x):
+        y = self.branches[0](x) * self.signs[0]
+        for sign, b in zip(self.signs[1:], self.branches[1:]):
+            y = y + b(x) if sign > 0 else y - b(x)
+        return self.post(y)
+
+
+class _Scale(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.linspace(-2.0, 1.5, c).reshape(1, c, 1, 1))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+try:
+    from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+except ImportError:  # pragma: no cover
+    st = None
+
+
+if st is not None:
+    @st.composite
+    def _blocks(draw):
+        c = draw(st.sampled_from([2, 4, 6]))
+        stride = draw(st.sampled_from([1, 2]))
+        dil = draw(st.sampled_from([1, 1, 2]))
+        divisors = [g for g in (1, 2, c) if c % g == 0]
+        branches, has_pool = [], False
+        for _ in range(draw(st.integers(1, 4))):
+            kind = draw(st.sampled_from(["conv", "conv", "chain", "identity", "pool", "scale"]))
+            if kind in ("identity", "scale") and stride != 1:
+                kind = "conv"
+            if kind == "conv":
+                k = (draw(st.sampled_from([1, 3, 5])), draw(st.sampled_from([1, 3])))
+                pad = tuple(dil * (kk - 1) // 2 for kk in k)
+                conv = nn.Conv2d(c, c, k, stride, pad, dilation=dil, groups=draw(st.sampled_from(divisors)),
+                                 bias=draw(st.booleans()))
+                b = nn.Sequential(conv, nn.BatchNorm2d(c)) if draw(st.booleans()) else conv
+            elif kind == "chain":  # 1x1 (no bias) -> kxk: exact with zero padding
+                b = nn.Sequential(nn.Conv2d(c, c, 1, bias=False),
+                                  nn.Conv2d(c, c, 3, stride, dil, dilation=dil), nn.BatchNorm2d(c))
+            elif kind == "identity":
+                b = nn.BatchNorm2d(c) if draw(st.booleans()) else nn.Identity()
+            elif kind == "pool":
+                has_pool = True
+                b = nn.AvgPool2d(3, stride, 1)
+            else:
+                b = _Scale(c)
+            branches.append(b)
+        signs = [draw(st.sampled_from([1.0, -1.0])) for _ in branches]
+        post = draw(st.sampled_from(["none", "bn", "relu"]))
+        post_m = {"none": nn.Identity(), "bn": nn.BatchNorm2d(c), "relu": nn.ReLU()}[post]
+        size = (draw(st.integers(5, 9)), draw(st.integers(5, 9)))
+        mergeable = len(branches) > 1 and not (has_pool and dil > 1)
+        return c, _RandomBlock(nn.ModuleList(branches), signs, post_m), size, mergeable
+
+    # no shrinking: a failure prints its drawn block, and the shared CI machine keeps its minutes
+    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+              phases=[Phase.explicit, Phase.reuse, Phase.generate])
+    @given(_blocks(), st.integers(0, 2**16))
+    def test_random_branch_sets_merge_exactly_or_are_left(spec, seed):
+        c, block, size, mergeable = spec
+        model = _prepare(nn.Sequential(nn.Conv2d(3, c, 1), block), seed)
+        r = _merged(model, (torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(seed)),),
+                    example_inputs=(torch.randn(1, 3, *size),))
+        if mergeable:  # merged, or left because one conv would cost more than the branches
+            assert r.modified or any("multiply-adds" in s.reason for s in r.skipped), [str(s) for s in r.skipped]
