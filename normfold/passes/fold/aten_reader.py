@@ -86,6 +86,7 @@ def size_hint(v: Any) -> int:
 
 
 def _first_tensor(val: Any) -> Any:
+    """The tensor of a node value (the first one of a tuple value), or None."""
     if isinstance(val, torch.Tensor):
         return val
     if isinstance(val, (list, tuple)) and val and isinstance(val[0], torch.Tensor):
@@ -132,6 +133,7 @@ class EditableProgram:
         return spec
 
     def spec(self, node: Any) -> InputSpec | None:
+        """The signature entry of a parameter / buffer / constant placeholder, or None for anything else."""
         if not isinstance(node, torch.fx.Node) or node.op != "placeholder":
             return None
         s = self.spec_of.get(node.name)
@@ -140,6 +142,7 @@ class EditableProgram:
         return s
 
     def tensor(self, node: torch.fx.Node) -> torch.Tensor:
+        """The tensor a parameter / buffer / constant placeholder stands for."""
         s = self.spec(node)
         assert s is not None and s.target is not None
         if s.kind == InputKind.PARAMETER or (s.kind == InputKind.BUFFER and s.persistent is not False):
@@ -147,6 +150,7 @@ class EditableProgram:
         return self.constants[s.target]
 
     def set_tensor(self, node: torch.fx.Node, value: torch.Tensor) -> None:
+        """Replace the tensor of placeholder ``node`` (a parameter stays a Parameter with its requires_grad)."""
         s = self.spec(node)
         assert s is not None and s.target is not None
         old = self.tensor(node)
@@ -160,6 +164,7 @@ class EditableProgram:
             self.constants[s.target] = new
 
     def _fake(self, value: torch.Tensor) -> Any:
+        """``value`` as a fake tensor of the graph's fake mode, for a new placeholder's ``val`` metadata."""
         from torch._guards import detect_fake_mode
 
         mode = detect_fake_mode([n.meta.get("val") for n in self.graph.nodes if n.meta.get("val") is not None])
@@ -196,6 +201,7 @@ class EditableProgram:
         return node
 
     def remove_if_unused(self, node: Any) -> None:
+        """Drop a parameter / buffer placeholder nobody reads any more, with its signature entry and state."""
         if not isinstance(node, torch.fx.Node) or node.op != "placeholder" or node.users:
             return
         s = self.spec(node)
@@ -210,6 +216,7 @@ class EditableProgram:
             self.constants.pop(s.target, None)
 
     def finish(self) -> ExportedProgram:
+        """The edited program: graph checked and recompiled, outputs renamed as the graph now names them."""
         self.graph.lint()
         self.gm.recompile()
         # outputs may now be other nodes (a BatchNorm that was the last op is gone): name them as the graph does
@@ -385,6 +392,7 @@ class ProgramReader(GraphReader):
         return ProgramLayer(kind, node, xi, wnode, transposed, t_node, bias, int(groups), zero_pad, path, label)
 
     def canonical_weight(self, layer: ProgramLayer) -> torch.Tensor:
+        """The weight as Conv/Linear store it (``(out, in)`` for a Linear even where the program keeps it transposed)."""
         w = self.prog.tensor(layer.weight)
         return w.t() if layer.transposed else w
 
@@ -507,6 +515,8 @@ class ProgramReader(GraphReader):
 
 @dataclass
 class BatchNormNode:
+    """An eval batch_norm op of the program: the op, the node holding its value, its input, parameters, eps, module path."""
+
     node: torch.fx.Node
     value: torch.fx.Node  # the node holding the normalized tensor (getitem 0 for tuple variants)
     input: torch.fx.Node
@@ -517,6 +527,7 @@ class BatchNormNode:
 
 
 def batchnorm_args(node: torch.fx.Node) -> dict[str, Any] | None:
+    """A batch_norm op's arguments by name (``training`` False for the eval-only overloads), or None when ``node`` is no batch_norm."""
     p = op_name(node)
     names = {
         "batch_norm": ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"),
@@ -539,6 +550,7 @@ def batchnorm_args(node: torch.fx.Node) -> dict[str, Any] | None:
 
 
 def is_batchnorm_op(node: torch.fx.Node) -> bool:
+    """True for any batch_norm overload (eval or not; :meth:`FoldBatchNormProgram._parse` refuses the training ones)."""
     return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and batchnorm_args(node) is not None
 
 

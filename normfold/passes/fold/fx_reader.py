@@ -98,14 +98,17 @@ _CONSTANT_PADS = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroP
 
 
 def _fn_name(target: Any) -> str:
+    """The name of a call target (a function, or a method name)."""
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
 def _is_layer(m: nn.Module) -> bool:
+    """A Conv / ConvTranspose / Linear the tracer keeps as a leaf."""
     return isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and is_leaf_type(m)
 
 
 def _spatial_dims(m: nn.Module) -> int:
+    """Spatial dims of a conv (0 for a Linear): its channel axis is ``-(dims + 1)``."""
     return 0 if isinstance(m, nn.Linear) else len(m.kernel_size)
 
 
@@ -188,6 +191,7 @@ class ModuleReader(GraphReader):
         return f"the parameter {node.target}"
 
     def _is_meta_use(self, user: torch.fx.Node, node: torch.fx.Node) -> bool:
+        """True when ``user`` reads only ``node``'s shape, dtype or device, not its values."""
         if user.op == "call_method":
             if user.target in _META_METHODS and user.args and user.args[0] is node:
                 return True
@@ -212,6 +216,7 @@ class ModuleReader(GraphReader):
         return self._concrete[node]
 
     def _eval_concrete(self, node: torch.fx.Node) -> Any:
+        """Compute a size / shape value from the propagated shapes (raises NotConcrete when it cannot)."""
         shape = self.shape(node)
         if shape is not None:
             # a tensor used only for its shape (view_as / reshape_as / expand_as)
@@ -329,6 +334,7 @@ class ModuleReader(GraphReader):
         return bool(node.args) and node.args[0] is via and flat_nodes((node.args, node.kwargs)).count(via) == 1
 
     def _classify_module(self, node: torch.fx.Node, via: torch.fx.Node) -> Rule | Consumer:
+        """Rule for a module call reading the affine (Identity, Dropout, pools, pads, Flatten...)."""
         m = self.module(node)
         label = f"{node.target} ({type(m).__name__})"
         if not self._only_value_arg(node, via):
@@ -373,6 +379,7 @@ class ModuleReader(GraphReader):
         return self.block(label)
 
     def _classify_function(self, node: torch.fx.Node, via: torch.fx.Node) -> Rule | Consumer:
+        """Rule for a torch function reading the affine (reshapes, pools, interpolate, pad...)."""
         t = node.target
         name = _fn_name(t)
         label = f"{name} ({node.name})"
@@ -423,6 +430,7 @@ class ModuleReader(GraphReader):
         return self.block(self.describe(node))
 
     def _classify_method(self, node: torch.fx.Node, via: torch.fx.Node) -> Rule | Consumer:
+        """Rule for a tensor method reading the affine (view, permute, mean, casts...)."""
         name = node.target
         label = f".{name}() ({node.name})"
         if not self._only_value_arg(node, via):
@@ -444,6 +452,7 @@ class ModuleReader(GraphReader):
         return self.block(self.describe(node))
 
     def _reduce(self, node: torch.fx.Node, via: torch.fx.Node, name: str, label: str) -> Rule:
+        """``mean`` / ``amax`` / ``amin`` over non-channel axes: a pool over those axes."""
         a = bind_args(node, _REDUCE_ARGS, {"dim": None, "keepdim": False})
         if a.get("dtype") is not None:
             return self.block(label, f"{label} casts the dtype")
@@ -456,6 +465,7 @@ class ModuleReader(GraphReader):
                          keepdim=bool(a.get("keepdim")))
 
     def _pad(self, node: torch.fx.Node, via: torch.fx.Node, label: str) -> Rule:
+        """``F.pad``: copy modes carry the affine, zero padding only where ``t = 0``, other constants block it."""
         a = bind_args(node, _PAD_ARGS, {"mode": "constant", "value": None})
         pad = a.get("pad")
         try:

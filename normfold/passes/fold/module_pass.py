@@ -73,6 +73,7 @@ def infer_example_inputs(model: nn.Module) -> tuple | None:
 
 
 def _bn_dtype(bn: nn.Module) -> torch.dtype | None:
+    """The BatchNorm's floating dtype (the rounding level of its zero-shift test)."""
     for name in ("weight", "bias", "running_mean"):
         t = getattr(bn, name, None)
         if isinstance(t, torch.Tensor) and t.is_floating_point():
@@ -151,6 +152,7 @@ class FoldBatchNormModules(Pass):
 
     # -- one BatchNorm module ------------------------------------------------------------------------
     def _fold_one(self, r: ModuleReader, node: torch.fx.Node, bn: nn.Module, result: PassResult) -> None:
+        """Fold one BatchNorm module: backward first, then forward; record the change or the skip with both reasons."""
         path = node.target
         refused = self._bn_refusal(r.graph, path, bn)
         if refused is not None:
@@ -284,6 +286,7 @@ class FoldBatchNormModules(Pass):
 
     @staticmethod
     def _remove_bn(r: ModuleReader, path: str, bn: nn.Module) -> None:
+        """Put the BatchNorm's remnant (Identity, or its drop/act) in its place, in the model and in the GraphModule."""
         remnant = batchnorm_remnant(bn)
         set_submodule(r.root, path, remnant)
         if r.graph.has_graph_module and r.graph.graph_module is not r.root:
@@ -435,6 +438,7 @@ class FoldBatchNormModules(Pass):
 
 
 def _fetch_attr(root: nn.Module, target: str) -> Any:
+    """The object at dotted ``target`` below ``root`` (a get_attr node of a GraphModule)."""
     obj: Any = root
     for part in target.split("."):
         obj = getattr(obj, part)

@@ -88,6 +88,7 @@ class FoldBatchNormProgram(Pass):
         return self._run(EditableProgram(module))
 
     def _run(self, prog: EditableProgram) -> ExportedPassResult:
+        """Bake constant batch_norms, fold every BatchNorm op, build the new program."""
         d = ProgramReader(prog)
         result = ExportedPassResult(module=None)  # type: ignore[arg-type]
         if self.weight_standardization:
@@ -138,11 +139,13 @@ class FoldBatchNormProgram(Pass):
         return BatchNormNode(node, value, inp, params, float(a.get("eps", 1e-5)), path)
 
     def _affine(self, prog: EditableProgram, bn: BatchNormNode) -> BatchNormAffine:
+        """The BatchNorm op's float64 affine, from its parameter tensors."""
         w, b, mean, var = (prog.tensor(p) if p is not None else None for p in bn.params)
         return affine_from_statistics(mean, var, w, b, bn.eps)
 
     def _fold_one(self, prog: EditableProgram, d: ProgramReader, node: torch.fx.Node,
                   result: ExportedPassResult) -> None:
+        """Fold one BatchNorm op: backward first, then forward; record the change or the skip with both reasons."""
         parsed = self._parse(prog, node)
         path = parsed.path if isinstance(parsed, BatchNormNode) else (innermost_module_path(node) or node.name)
         if self.only is not None and path not in self.only:
@@ -255,6 +258,7 @@ class FoldBatchNormProgram(Pass):
         lay.bias = bnode
 
     def _remove(self, prog: EditableProgram, bn: BatchNormNode) -> None:
+        """Take the folded batch_norm out of the graph, with the parameters and buffers only it read."""
         # the input node may have been replaced since parsing (mm -> addmm when a bias was added)
         bn.value.replace_all_uses_with(bn.node.args[0])
         for u in list(bn.node.users):
@@ -332,6 +336,7 @@ class FoldBatchNormProgram(Pass):
 
     @staticmethod
     def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+        """Every node ``node`` depends on, itself included."""
         seen: set[torch.fx.Node] = set()
         stack = [node]
         while stack:
@@ -344,6 +349,7 @@ class FoldBatchNormProgram(Pass):
 
     @staticmethod
     def _evaluate(prog: EditableProgram, frontier: torch.fx.Node, ancestors: set[torch.fx.Node]) -> torch.Tensor:
+        """Run the constant subgraph ending at ``frontier`` in float64 on the stored tensors."""
         env: dict[torch.fx.Node, Any] = {}
         for n in prog.graph.nodes:
             if n not in ancestors:
