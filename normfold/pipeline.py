@@ -34,6 +34,7 @@ from normfold.errors import InputError, UsageError
 
 __all__ = ["check_writable", "check_input_size", "input_bytes", "DEFAULT_MAX_INPUT_BYTES", "eval_form",
            "ExportedModel", "as_module", "exported_eval_graph", "interrupted_by", "RewriteOutcome", "rewrite_and_verify",
+           "fold",
            "format_bytes"]
 
 #: random inputs larger than this are refused unless the caller raises the limit (``--max-input-bytes``):
@@ -326,21 +327,43 @@ class RewriteOutcome:
                 or c.max_abs != c.max_abs]
 
 
+    def may_write(self, *, allow_noop: bool = False) -> bool:
+        """Whether the rewritten model may be written: it passed, and it changed something (or that is accepted)."""
+        return self.passed and (not self.noop or allow_noop)
+
+
 def rewrite_and_verify(original: nn.Module, rewrite: Callable[[nn.Module], Any], inputs: Sequence[torch.Tensor], *,
-                       verify: Callable[..., Any] | None = None, exact: bool = True,
-                       copy: bool = True) -> RewriteOutcome:
+                       tolerance: Any = None, exact: bool = True, copy: bool = True) -> RewriteOutcome:
     """Rewrite a copy of ``original`` with ``rewrite(model) -> PassResult`` and compare it with ``original``.
 
-    ``verify(reference, candidate, inputs)`` is the one comparison every
-    command uses (:func:`normfold.commands._common.verify` by default).
-    ``original`` is not touched when ``copy`` is true.
+    The comparison is :func:`normfold.verify.verify` (the one rule; ``tolerance``
+    None is the per-dtype policy). ``original`` is not touched when ``copy`` is
+    true. Write the result (``normfold.io.save_model``) only when
+    ``outcome.may_write()``.
     """
     from normfold.passes.base import copy_module
+    from normfold.verify import verify
 
-    if verify is None:
-        from normfold.commands._common import verify as verify_fn
-    else:
-        verify_fn = verify
     model = copy_module(original) if copy else original
     result = rewrite(model)
-    return RewriteOutcome(result=result, verification=verify_fn(original, result.module, inputs), exact=exact)
+    return RewriteOutcome(result=result, verification=verify(original, result.module, inputs, tolerance=tolerance),
+                          exact=exact)
+
+
+def fold(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, tolerance: Any = None) -> RewriteOutcome:
+    """What ``normfold fold`` does, from Python: the eval form of ``model`` folded (part by part when it does not
+    trace whole, :func:`normfold.passes.piecewise.piecewise`) and verified against it.
+
+    ``model`` is not touched. ``outcome.result.module`` is the folded model,
+    ``outcome.verification`` the comparison, ``outcome.may_write()`` the verdict.
+    """
+    from normfold.passes.fold_batchnorm import fold_batchnorm
+    from normfold.passes.piecewise import piecewise
+
+    if any(m.training for m in model.modules()):
+        from normfold.passes.base import copy_module
+
+        model = copy_module(model).eval()
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+    return rewrite_and_verify(model, lambda m: piecewise(fold_batchnorm, m, inplace=True, example_inputs=inputs),
+                              inputs, tolerance=tolerance)

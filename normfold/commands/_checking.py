@@ -23,13 +23,25 @@ from normfold.errors import UsageError
 from normfold.io import atomic_write
 
 __all__ = ["add_check_arguments", "add_report_arguments", "run_check", "print_report", "write_reports",
-           "parse_batch_sizes", "finish", "check_report_paths", "strip_ansi"]
+           "parse_batch_sizes", "finish", "check_report_paths", "strip_ansi",
+           "add_tolerance_arguments"]
 
 
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
     """--json FILE and --junit-xml FILE."""
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     p.add_argument("--junit-xml", metavar="FILE", help="write a JUnit XML report (one testcase per check) for CI")
+
+
+def add_tolerance_arguments(g: Any) -> None:
+    """--scale-tol, --atol, --rtol: the same flags, read by :func:`normfold.verify.tolerance_from_args`, on every
+    command that compares a rewritten model with the original."""
+    g.add_argument("--scale-tol", type=float, default=None, metavar="S",
+                   help="pass when |a - b| <= S * max|ref| per output (default: by the output's dtype, 2e-5 for "
+                        "float32, measured; see normfold/tolerances.py)")
+    g.add_argument("--atol", type=float, default=None, help="absolute tolerance; --atol/--rtol/--scale-tol given "
+                                                              "replace the default rule (the ones not given are 0)")
+    g.add_argument("--rtol", type=float, default=None, help="relative tolerance, elementwise: |a - b| <= rtol * |ref|")
 
 
 def add_check_arguments(p: argparse.ArgumentParser, *, reports: bool = True) -> None:
@@ -40,12 +52,7 @@ def add_check_arguments(p: argparse.ArgumentParser, *, reports: bool = True) -> 
                         "ran is reported")
     g.add_argument("--require-provider", metavar="NAME",
                    help="fail unless this provider (e.g. cuda) actually ran the ONNX model")
-    g.add_argument("--scale-tol", type=float, default=None, metavar="S",
-                   help="pass when |a - b| <= S * max|ref| per output (default: by the model's dtype, 2e-5 for "
-                        "float32, measured over the torchvision zoo; see normfold/tolerances.py)")
-    g.add_argument("--atol", type=float, default=None, help="absolute tolerance; --atol/--rtol/--scale-tol given "
-                                                              "replace the default rule (the ones not given are 0)")
-    g.add_argument("--rtol", type=float, default=None, help="relative tolerance, elementwise: |a - b| <= rtol * |ref|")
+    add_tolerance_arguments(g)
     g.add_argument("--batch-sizes", metavar="LIST", default=",".join(map(str, DEFAULT_BATCH_SIZES)),
                    help="batch sizes of the batch-independence probe (default 1,2,8)")
     g.add_argument("--no-probes", action="store_true",

@@ -33,7 +33,9 @@ from normfold.commands._common import (Command, add_model_arguments, add_output_
                                        check_output, final_line, load_from_args, output_path, print_comparison,
                                        print_pass_result, resolve_inputs, verify, working_copy, write_model)
 from normfold.errors import UsageError
+from normfold.commands._checking import add_tolerance_arguments
 from normfold.pipeline import RewriteOutcome
+from normfold.verify import tolerance_from_args
 from normfold.passes.base import PassResult
 
 __all__ = ["ConvertCommand", "TARGETS"]
@@ -69,6 +71,7 @@ class ConvertCommand(Command):
                                                          "where impossible), approx, or auto (default)")
         add_output_argument(p, "<target>")
         add_safety_arguments(p)
+        add_tolerance_arguments(p.add_argument_group("comparison with the original (exact conversions)"))
 
     def run(self, args: argparse.Namespace, console: Console) -> int:
         self._check_flags(args)
@@ -92,7 +95,8 @@ class ConvertCommand(Command):
             final_line(f"FAILED: nothing converted to {step} (left {len(result.skipped)} alone; the reasons are "
                        "listed above); nothing written; pass --allow-noop to accept")
             return 1
-        outcome = RewriteOutcome(result=result, verification=verify(original, result.module, inputs), exact=exact)
+        outcome = RewriteOutcome(result=result, verification=verify(original, result.module, inputs,
+                                                                             tolerance_from_args(args)), exact=exact)
         v = outcome.verification
         if exact:
             print_comparison(console, v)

@@ -20,12 +20,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from normfold.commands._checking import print_report
+from normfold.commands._checking import add_tolerance_arguments, print_report
 from normfold.commands._common import (Command, add_model_arguments, add_safety_arguments, check_output, final_line,
                                        load_from_args, resolve_inputs)
 from normfold.check.checker import check
 from normfold.errors import UsageError
 from normfold.export import export_onnx, move_onnx
+from normfold.verify import tolerance_from_args
 
 
 class ExportCommand(Command):
@@ -39,6 +40,7 @@ class ExportCommand(Command):
         p.add_argument("--provider", metavar="LIST", default="cuda,cpu",
                        help="onnxruntime providers for the output check (default cuda,cpu)")
         add_safety_arguments(p, noop=False)
+        add_tolerance_arguments(p.add_argument_group("comparison with MODEL in onnxruntime"))
 
     def run(self, args: argparse.Namespace, console: Console) -> int:
         out = Path(args.output) if args.output else Path(args.model).with_name(Path(args.model).stem + ".onnx")
@@ -66,8 +68,10 @@ class ExportCommand(Command):
             console.print(f"exported {type(model).__name__} at opset {res.opset} ({res.opset_reason}) in "
                           f"{res.seconds:.1f}s; batch dimension {res.batch_dims}", markup=False, highlight=False)
             with console.status("comparing in onnxruntime"):
+                tol = tolerance_from_args(args)  # the flags' rule, or None: the per-dtype policy
                 report = check(model, onnx=res.path, inputs=inputs, providers=args.provider, probes=False,
-                               seed=args.seed)
+                               seed=args.seed, atol=tol.atol if tol else None, rtol=tol.rtol if tol else None,
+                               scale_tol=tol.scaled if tol else None)
             if not report.passed:
                 print_report(console, report, verbose=args.verbose)
                 final_line(f"FAILED: the ONNX model differs from {args.model} in onnxruntime; nothing written "

@@ -34,20 +34,18 @@ from rich.console import Console
 
 import torch
 
-from normfold.check.compare import compare_outputs
-from normfold.commands._common import (Command, Verification, add_model_arguments, add_output_argument,
+from normfold.commands._common import (Command, add_model_arguments, add_output_argument,
                                        add_safety_arguments, check_output, final_line, load_from_args, output_path,
-                                       print_comparison, print_pass_result, quiet_tracing, resolve_inputs, verify,
-                                       working_copy, write_model)
+                                       print_comparison, print_pass_result, quiet_tracing, resolve_inputs,
+                                       write_model)
 from normfold.commands._checking import add_check_arguments, check_report_paths, print_report, run_check, \
     write_reports
 from normfold.errors import InputError, UsageError
 from normfold.export import move_onnx
 from normfold.inputs import parse_shape, random_inputs
 from normfold.io import LoadedModel
-from normfold.tolerances import for_dtype
-from normfold.passes.fold_batchnorm import fold_batchnorm
-from normfold.passes.piecewise import piecewise
+from normfold.verify import compare, tolerance_from_args
+from normfold import pipeline
 
 
 class FoldCommand(Command):
@@ -82,11 +80,11 @@ class FoldCommand(Command):
         original = loaded.module
         inputs = resolve_inputs(args, original, console)
         with quiet_tracing(enabled=not args.verbose):  # a failed trace prints its partial graph on stderr
-            result = piecewise(fold_batchnorm, working_copy(original), inplace=True, example_inputs=inputs)
+            outcome = pipeline.fold(original, inputs, tolerance=tolerance_from_args(args))
+        result, v = outcome.result, outcome.verification
         print_pass_result(console, result, title="fold_batchnorm", verbose=args.verbose)
         if _refuse_noop(args, result):
             return 1
-        v = verify(original, result.module, inputs)
         print_comparison(console, v)
         if not v.passed:
             final_line(f"FAILED: the folded model differs from the original (max abs error {v.max_abs:.3g}, "
@@ -168,9 +166,7 @@ def _fold_exported(args: argparse.Namespace, console: Console, loaded: LoadedMod
         return 1
     with torch.no_grad():
         cand_out = result.program.module()(*inputs)
-    floating = [x for x in inputs if x.is_floating_point()]
-    tol = for_dtype(floating[0].dtype if floating else torch.float32)
-    v = Verification(compare_outputs(ref_out, cand_out, tol), tol)
+    v = compare(ref_out, cand_out, tolerance=tolerance_from_args(args))
     print_comparison(console, v)
     if not v.passed:
         final_line(f"FAILED: the folded program differs from the original (max abs error {v.max_abs:.3g}, "

@@ -164,12 +164,12 @@ def test_sys_exit_in_the_forward_fails_with_one_line(tmp_path: Path, capsys) -> 
 
 
 def test_an_unexpected_error_is_one_line_exit_1(demo_sd: Path, capsys, monkeypatch) -> None:
-    import normfold.commands.fold as fold_cmd
+    from normfold import pipeline
 
     def broken(*args, **kwargs):
         raise RuntimeError("something normfold did not expect\nsecond line")
 
-    monkeypatch.setattr(fold_cmd, "piecewise", broken)
+    monkeypatch.setattr(pipeline, "fold", broken)
     code, out, err = run_cli(["fold", str(demo_sd), "--arch", ARCH, "--input-shape", SHAPE], capsys)
     assert code == 1 and _one_line(err) and "RuntimeError: something normfold did not expect" in err
 
@@ -198,12 +198,12 @@ def test_ctrl_c_during_export_is_an_interruption_not_a_failed_check(demo_sd: Pat
 
 def test_outputs_are_refused_before_the_work_naming_the_flag(demo_sd: Path, tmp_path: Path, capsys,
                                                              monkeypatch) -> None:
-    import normfold.commands.fold as fold_cmd
+    from normfold import pipeline
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the fold ran although its output could not be written")
 
-    monkeypatch.setattr(fold_cmd, "piecewise", must_not_run)
+    monkeypatch.setattr(pipeline, "fold", must_not_run)
     base = ["fold", str(demo_sd), "--arch", ARCH, "--input-shape", SHAPE]
     code, out, err = run_cli(base + ["-o", str(tmp_path / "missing" / "m.pt")], capsys)
     assert code == 2 and _one_line(err) and "-o " in err and "does not exist" in err
@@ -313,6 +313,18 @@ def test_pt2_in_check_export_and_inspect(programs: dict[str, Path], tmp_path: Pa
 
 
 # ---------------------------------------------------------------------------------------- library corners
+
+
+def test_the_fold_pipeline_is_reachable_from_python() -> None:
+    from normfold import pipeline
+
+    model = randomize_batchnorm(torchvision.models.resnet18()).train()  # as a factory builds it
+    x = torch.randn(2, 3, 32, 32)
+    outcome = pipeline.fold(model, (x,))
+    assert outcome.may_write() and not outcome.noop and outcome.verification.passed
+    assert model.training  # the caller's model is not touched
+    noop = pipeline.fold(_models.nothing_to_fold(), (x,))
+    assert noop.noop and not noop.may_write() and noop.may_write(allow_noop=True)
 
 
 def test_pass_manager_runs_the_public_pass_functions() -> None:
