@@ -15,6 +15,9 @@ from normfold.export import ExportResult, export_onnx
 from normfold.check import CheckReport
 from normfold.verify import Verification, verify
 from normfold.io import load
+from normfold.passes.piecewise import piecewise
+from normfold.data import load_data
+from normfold import pipeline  # rewrite -> verify -> write, as the commands do it: nf.pipeline.fold(model, x)
 from normfold import check  # the package, callable as the checker: nf.check(reference, ...)
 
 __version__ = "0.1.0"
@@ -48,5 +51,8 @@ __all__ = [
     "verify",
     "Verification",
     "load",
+    "piecewise",
+    "load_data",
+    "pipeline",
     "__version__",
 ]
