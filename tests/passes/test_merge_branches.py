@@ -469,6 +469,19 @@ def test_a_dense_pointwise_after_a_depthwise_merge_is_not_composed():
     assert block.merged_conv.groups == 8 and isinstance(block.pw, nn.Conv2d)  # dw + identity only
 
 
+def test_a_merge_that_costs_more_than_its_branches_is_left():
+    class Block(nn.Module):  # a dense 1x1 plus a depthwise 3x3 pool: one dense 3x3 would cost more
+        def __init__(self) -> None:
+            super().__init__()
+            self.pw, self.pool = nn.Conv2d(8, 8, 1), nn.AvgPool2d(3, 1, 1)
+
+        def forward(self, x):
+            return self.pw(x) + self.pool(x)
+
+    r = _left(_prepare(Net(Block())), _x(2, 3, 6, 6), "multiply-adds")
+    assert not r.modified
+
+
 def test_a_conv_then_pool_chain_alone_is_not_rewritten():
     """DenseNet's transition (1x1 conv, then a 2x2 avg-pool) is a chain, not a branch merge: left as it is."""
     model = _prepare(Net(nn.Sequential(nn.Conv2d(8, 8, 1), nn.AvgPool2d(2, 2))))
