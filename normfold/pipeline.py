@@ -265,11 +265,14 @@ def eval_form(loaded: Any) -> tuple[nn.Module, str | None]:
     """
     module = loaded.module
     if loaded.kind == "exported":
+        # the program itself is turned into its eval form, so that what folds it (the ATen-level fold) and
+        # what runs it (its module) see the same ops
+        edits = exported_eval_graph(loaded.program.graph_module)
         wrapped = ExportedModel(loaded.program)
         note = None
-        if wrapped.eval_edits:
-            note = (f"{loaded.path} was exported in training mode ({len(wrapped.eval_edits)} batch_norm/dropout "
-                    "op(s)); using its eval form")
+        if edits or wrapped.eval_edits:
+            note = (f"{loaded.path} was exported in training mode ({len(edits) or len(wrapped.eval_edits)} "
+                    "batch_norm/dropout op(s)); using its eval form")
         return wrapped, note
     training = [n or "<model>" for n, m in module.named_modules() if m.training]
     if not training:

@@ -310,6 +310,11 @@ def test_pt2_in_check_export_and_inspect(programs: dict[str, Path], tmp_path: Pa
     assert (tmp_path / "prog.onnx").exists()
     code, out, err = run_cli(["inspect", str(programs["prog"]), "-q"], capsys)
     assert code == 0 and "5 can be folded" in out
+    # a program exported in training mode is folded in its eval form, which one line says
+    code, out, err = run_cli(["fold", str(programs["train"]), "-o", str(tmp_path / "train.folded.pt2")], capsys)
+    assert code == 0, err
+    assert sum("exported in training mode" in ln for ln in out.splitlines()) == 1
+    assert "folded 5 BatchNorm layer(s)" in out.splitlines()[-1]
 
 
 # ---------------------------------------------------------------------------------------- library corners
