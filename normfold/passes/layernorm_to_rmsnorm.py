@@ -1475,11 +1475,13 @@ class LayerNormToRMSNorm(Pass):
             tol = LAYERNORM_TO_RMSNORM.get(dtype, for_dtype(dtype))
             scale = max((y.double().abs().max().item() for y in _flatten(reference.output)
                          if y.is_floating_point() and y.numel()), default=0.0)
-            within = out_abs <= tol.atol + tol.rtol * scale
+            # the bound at the largest output magnitude: |a - b| <= atol + (rtol + scaled) * max|ref|
+            rel = tol.rtol + getattr(tol, "scaled", 0.0)
+            within = out_abs <= tol.atol + rel * scale
             result.metrics["output_within_tolerance"] = within
             if not within:
                 log.warning("layernorm_to_rmsnorm: every swap is exact but the output changed by %.3g (tolerance "
-                            "%g + %g * %.3g)", out_abs, tol.atol, tol.rtol, scale)
+                            "%g + %g * %.3g)", out_abs, tol.atol, rel, scale)
         else:
             result.metrics["output_within_tolerance"] = None
 

@@ -534,3 +534,13 @@ def test_hf_traceable_restores_class_and_cache_even_on_error() -> None:
             raise RuntimeError("boom")
     assert type(model) is cls and model.config.use_cache is True
     assert hf.flatten_output({"a": torch.ones(1), "b": None, "c": (torch.zeros(2), 3)})[1].shape == (2,)
+
+
+def test_bfloat16_model_is_exact_within_the_bfloat16_policy() -> None:
+    torch.manual_seed(0)
+    model = randomize_layernorms_and_heads(TinyGPT()).eval().to(torch.bfloat16)
+    idx = tokens()
+    r = layernorm_to_rmsnorm(model, mode="exact", example_inputs=idx)
+    assert set(conversions(r).values()) == {"exact"} and r.module.ln_f.weight.dtype == torch.bfloat16
+    assert r.metrics["exact_verified"] is True and r.metrics["output_within_tolerance"] is True
+    assert 0 < r.metrics["output_max_abs_error"]  # bfloat16 rounding of the centred weights shows
