@@ -188,10 +188,18 @@ def _with_channels(t: _Term, channels: int | None) -> _Term | str:
                    cost=t.cost + t.uniform_cost * channels, uniform_cost=0.0)
 
 
+def _f64(t: _Term) -> _Term:
+    """``t`` with its kernel in float64 on the CPU, where the arithmetic happens."""
+    if t.weight.dtype == torch.float64 and t.weight.device.type == "cpu":
+        return t
+    return replace(t, weight=t.weight.double().cpu())
+
+
 def _regroup(t: _Term, groups: int) -> _Term:
     """The same conv written with ``groups`` groups (``groups`` divides ``t.groups``): block-diagonal."""
     if t.uniform or t.groups == groups:
         return t
+    t = _f64(t)
     g, r = t.groups, t.groups // groups
     cout, cin_g = t.weight.shape[0], t.weight.shape[1]
     co = cout // g
@@ -233,6 +241,7 @@ def _merged_meta(a: _Term, b: _Term, **kw: Any) -> dict[str, Any]:
 
 def _add(a: _Term, b: _Term, sign: float) -> _Term | str:
     """``a + sign * b`` on the same root: kernels padded to the covering kernel, taps aligned."""
+    a, b = _f64(a), _f64(b)
     pair = _common(a, b)
     if isinstance(pair, str):
         return pair
@@ -273,6 +282,7 @@ def _add(a: _Term, b: _Term, sign: float) -> _Term | str:
 
 def _scale(t: _Term, s: torch.Tensor, shift: torch.Tensor) -> _Term | str:
     """``s * T + shift`` per output channel (``s``/``shift`` of length C or 1)."""
+    t = _f64(t)
     n = max(s.numel(), shift.numel())
     if n > 1:
         t2 = _with_channels(t, n)
@@ -292,7 +302,7 @@ def _compose(outer: _Term, inner: _Term) -> _Term | str:
         r = _with_rank(inner, outer.rank)
         if isinstance(r, str):
             return r
-        out = _scale(r, outer.weight.reshape(-1), outer.bias)
+        out = _scale(r, _f64(outer).weight.reshape(-1), outer.bias)
         if isinstance(out, str):
             return out
         return replace(out, nodes=inner.nodes + outer.nodes, paths=inner.paths + outer.paths,
@@ -301,7 +311,7 @@ def _compose(outer: _Term, inner: _Term) -> _Term | str:
     if not (outer.is_pointwise() or inner.is_pointwise()):
         return (f"a kernel {outer.kernel} after a kernel {inner.kernel} is not one conv "
                 "(only a pointwise conv on either side composes exactly)")
-    pair = _common_chain(outer, inner)
+    pair = _common_chain(_f64(outer), _f64(inner))
     if isinstance(pair, str):
         return pair
     outer, inner = pair
@@ -402,10 +412,11 @@ def _module_term(m: nn.Module, path: str, node: torch.fx.Node, root: torch.fx.No
             lo, hi = tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
         else:
             lo = hi = tuple(m.padding)
-        w = m.weight.detach().double()
-        b = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64,
-                                                                             device=w.device)
-        return _Term(root=root, weight=w.cpu(), bias=b.cpu(), groups=m.groups, rank=rank, stride=stride,
+        # the weight stays as it is until an op needs it in float64 (:func:`_f64`): most convs never merge,
+        # and a float64 copy of every weight would double a large model's memory
+        w = m.weight.detach()
+        b = m.bias.detach().double().cpu() if m.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+        return _Term(root=root, weight=w, bias=b, groups=m.groups, rank=rank, stride=stride,
                      dilation=dil, lo=lo, hi=hi, nodes=[node], paths=[path], convs=1, cost=w.numel() / math.prod(stride),
                      dtype=m.weight.dtype, device=m.weight.device, requires_grad=m.weight.requires_grad)
     if is_batchnorm(m):
@@ -897,8 +908,8 @@ class MergeBranches(Pass):
                      changes: list[Change], skips: list[tuple[tuple[str, ...], str]]) -> None:
         t = analysis.status[node]
         assert isinstance(t, _Term)
-        if not (t.merges or t.convs >= 2):
-            return
+        if not (t.merges or t.convs >= 2) or not t.paths:
+            return  # nothing to merge, or only identities and constants (``x + x`` stays as written)
         inner_scope = _common_scope(set(t.nodes) | {node})
         if inner_scope and (f"{path}.{inner_scope}" if path else inner_scope) in self._traced:
             return  # a deeper block holds this region; it merged there or was left with its reason

@@ -554,7 +554,7 @@ if st is not None:
         stride = draw(st.sampled_from([1, 2]))
         dil = draw(st.sampled_from([1, 1, 2]))
         divisors = [g for g in (1, 2, c) if c % g == 0]
-        branches, has_pool = [], False
+        branches, has_pool, has_module = [], False, False
         for _ in range(draw(st.integers(1, 4))):
             kind = draw(st.sampled_from(["conv", "conv", "chain", "identity", "pool", "scale"]))
             if kind in ("identity", "scale") and stride != 1:
@@ -570,17 +570,20 @@ if st is not None:
                                   nn.Conv2d(c, c, 3, stride, dil, dilation=dil), nn.BatchNorm2d(c))
             elif kind == "identity":
                 b = nn.BatchNorm2d(c) if draw(st.booleans()) else nn.Identity()
+                has_module = has_module or isinstance(b, nn.BatchNorm2d)
             elif kind == "pool":
-                has_pool = True
+                has_pool = has_module = True
                 b = nn.AvgPool2d(3, stride, 1)
             else:
                 b = _Scale(c)
+            has_module = has_module or kind in ("conv", "chain")
             branches.append(b)
         signs = [draw(st.sampled_from([1.0, -1.0])) for _ in branches]
         post = draw(st.sampled_from(["none", "bn", "relu"]))
         post_m = {"none": nn.Identity(), "bn": nn.BatchNorm2d(c), "relu": nn.ReLU()}[post]
         size = (draw(st.integers(5, 9)), draw(st.integers(5, 9)))
-        mergeable = len(branches) > 1 and not (has_pool and dil > 1)
+        # identities and constants alone stay as written; a pool and a dilated conv do not line up
+        mergeable = len(branches) > 1 and has_module and not (has_pool and dil > 1)
         return c, _RandomBlock(nn.ModuleList(branches), signs, post_m), size, mergeable
 
     # no shrinking: a failure prints its drawn block, and the shared CI machine keeps its minutes
