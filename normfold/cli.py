@@ -88,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from normfold.commands._checking import strip_ansi
+    from normfold.pipeline import interrupted_by
     from normfold.commands._common import make_console, quiet_tracing
 
     console = make_console(quiet=getattr(args, "quiet", False))
@@ -107,22 +108,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # torch's tracing and export warnings are for library authors, not for this command's user
                 warnings.simplefilter("ignore")
             return int(commands[args.command].run(args, console))
-    except NormfoldError as exc:
+    except (KeyboardInterrupt, Exception) as exc:
         traceback_if_verbose()
-        print(f"{prefix}: error: {strip_ansi(str(exc))}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        traceback_if_verbose()
-        print(f"{prefix}: interrupted", file=sys.stderr)
-        return 130
+        if isinstance(exc, KeyboardInterrupt) or interrupted_by(exc):  # a tracer may wrap Ctrl-C in its own error
+            print(f"{prefix}: interrupted", file=sys.stderr)
+            return 130
+        if isinstance(exc, NormfoldError):
+            print(f"{prefix}: error: {strip_ansi(str(exc))}", file=sys.stderr)
+            return exc.exit_code
+        # a bug here or in the model's code: still one line and a failing code
+        print(f"{prefix}: failed: {strip_ansi(_one_line(exc))} (-v shows the traceback)", file=sys.stderr)
+        return 1
     except SystemExit as exc:
         # not argparse (that exits before run): the model's own code called sys.exit mid-command
         traceback_if_verbose()
         print(f"{prefix}: failed: code run by the command called sys.exit({exc.code!r})", file=sys.stderr)
-        return 1
-    except Exception as exc:  # a bug here or in the model's code: still one line and a failing code
-        traceback_if_verbose()
-        print(f"{prefix}: failed: {strip_ansi(_one_line(exc))} (-v shows the traceback)", file=sys.stderr)
         return 1
 
 

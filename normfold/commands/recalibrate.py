@@ -11,9 +11,8 @@ old standard deviation, and the variance ratio. Samples are visited in a
 seeded random order (--seed), so that every batch mixes the data even when
 they are sorted (a folder of class subfolders) and --max-batches takes a
 representative subset. Exit 0 when written; 1 when the recalibrated model
-gives non-finite outputs on the data, or when the model has no BatchNorm to
-recalibrate (--allow-noop accepts that); nothing is written then; 2 on bad
-input. The data reader is the library's :func:`normfold.data.load_data`.
+gives non-finite outputs on the data (nothing is written then); 2 on bad
+input, a model without a BatchNorm to recalibrate included. The data reader is the library's :func:`normfold.data.load_data`.
 """
 
 from __future__ import annotations
@@ -59,7 +58,7 @@ class RecalibrateCommand(Command):
         p.add_argument("--std", metavar="S[,S,...]", help="per-channel std images are divided by (e.g. 0.229,0.224,0.225)")
         p.add_argument("--seed", type=int, default=0, help="seed of the order samples are visited in (default 0)")
         add_output_argument(p, "recalibrated")
-        add_safety_arguments(p)
+        add_safety_arguments(p, noop=False)  # a model with nothing to recalibrate is refused by the library (exit 2)
 
     def run(self, args: argparse.Namespace, console: Console) -> int:
         for flag in ("batch_size", "max_batches"):
@@ -82,10 +81,6 @@ class RecalibrateCommand(Command):
         result = recalibrate(original, data, estimator=args.estimator, max_batches=args.max_batches,
                              progress=not args.quiet)
         print_shifts(console, result)
-        if not result.shifts and not args.allow_noop:
-            final_line(f"FAILED: nothing recalibrated (no BatchNorm with running statistics; left "
-                       f"{len(result.skipped)} alone); nothing written; pass --allow-noop to accept")
-            return 1
         probe = next(iter(data))[:8]
         before = run_model(original, (probe,))
         after = run_model(result.module, (probe,))

@@ -196,6 +196,33 @@ def test_ctrl_c_during_export_is_an_interruption_not_a_failed_check(demo_sd: Pat
     assert not r_json.exists() and not r_xml.exists()
 
 
+def test_ctrl_c_wrapped_by_the_exporter_in_export_exits_130(demo_sd: Path, tmp_path: Path, capsys,
+                                                              monkeypatch) -> None:
+    import normfold.commands.export as export_cmd
+
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as ki:
+            raise ExportError("torch.onnx.export (dynamo) failed; make forward() traceable") from ki
+
+    monkeypatch.setattr(export_cmd, "export_onnx", interrupted)
+    out_path = tmp_path / "m.onnx"
+    code, out, err = run_cli(["export", str(demo_sd), "--arch", ARCH, "--input-shape", SHAPE, "-o", str(out_path)],
+                             capsys)
+    assert code == 130 and _one_line(err) and "interrupted" in err and not out_path.exists()
+
+
+def test_recalibrate_without_batchnorm_is_refused(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "plain.pt"
+    torch.save(_models.nothing_to_fold(), src)
+    torch.save(torch.randn(8, 3, 16, 16), tmp_path / "x.pt")
+    code, out, err = run_cli(["recalibrate", str(src), "--trust", "--data", str(tmp_path / "x.pt"), "-o",
+                              str(tmp_path / "r.pt")], capsys)
+    assert code == 2 and _one_line(err) and "no BatchNorm" in err
+    assert not (tmp_path / "r.pt").exists()
+
+
 def test_outputs_are_refused_before_the_work_naming_the_flag(demo_sd: Path, tmp_path: Path, capsys,
                                                              monkeypatch) -> None:
     from normfold import pipeline
