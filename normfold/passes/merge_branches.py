@@ -684,7 +684,11 @@ class _BlockAnalysis:
         if isinstance(st, _Term):
             return st.convs
         if node.op == "call_module":
-            return sum(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in self.modules[node.target].modules())
+            m = self.modules[node.target]
+            if isinstance(st, _Barrier) and not is_batchnorm(m) and not isinstance(m, nn.modules.conv._ConvNd) \
+                    and any(True for _ in m.parameters()):
+                return 3  # an opaque module with weights (attention, an MLP): never one branch of a block
+            return sum(isinstance(sub, (nn.modules.conv._ConvNd, nn.Linear)) for sub in m.modules())
         return 0
 
     def _chain(self, node: torch.fx.Node) -> list[torch.fx.Node]:
