@@ -457,24 +457,29 @@ def _tuple(v: Any, n: int) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * n
 
 
-def _per_channel(value: Any, rank: int | None) -> torch.Tensor | str:
-    """A constant as a per-channel vector (length C, or 1 for a scalar), or why it is not one."""
+def _per_channel(value: Any, rank: int | None) -> tuple[torch.Tensor, int | None] | str:
+    """A constant as a per-channel vector (length C, or 1 for a scalar) and the spatial rank it implies.
+
+    With the tensor's rank known, the constant broadcasts from the right and its channel axis is
+    the tensor's axis 1. Not known yet (a scale straight on a block's input), the constant is read
+    as ``(1, C, 1, ...)`` or ``(C, 1, ...)`` of a tensor with ``v.dim()`` or ``v.dim() + 1`` axes, and
+    that rank goes with the term: a branch of another rank then refuses to merge with it.
+    """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.tensor([float(value)], dtype=torch.float64)
+        return torch.tensor([float(value)], dtype=torch.float64), rank
     if not isinstance(value, torch.Tensor) or not value.is_floating_point():
         return f"operand {type(value).__name__} is not a float constant"
     v = value.detach().double().cpu()
     if v.numel() == 1:
-        return v.reshape(1)
-    if rank is None:
-        return "a tensor constant whose channel axis is not known yet"
-    n = rank + 2
-    if v.dim() > n:
-        return f"a constant of shape {tuple(v.shape)} broadcasts beyond the tensor"
-    shape = (1,) * (n - v.dim()) + tuple(v.shape)
-    if any(s != 1 for i, s in enumerate(shape) if i != 1):
-        return f"a constant of shape {tuple(v.shape)} is not per channel"
-    return v.reshape(-1)
+        return v.reshape(1), rank
+    ranks = [rank + 2] if rank is not None else [v.dim(), v.dim() + 1]
+    for n in ranks:
+        if v.dim() > n or n < 3:
+            continue
+        shape = (1,) * (n - v.dim()) + tuple(v.shape)
+        if all(s == 1 for i, s in enumerate(shape) if i != 1):
+            return v.reshape(-1), n - 2
+    return f"a constant of shape {tuple(v.shape)} is not a per-channel scale of this tensor"
 
 
 # ----------------------------------------------------------------------------------------------- analysis
@@ -605,6 +610,10 @@ class _BlockAnalysis:
             c = _per_channel(const, t.rank)
             if isinstance(c, str):
                 return _Barrier(c)
+            c, rank = c
+            t = _with_rank(t, rank)
+            if isinstance(t, str):
+                return _Barrier(t)
             s = torch.tensor([sign if a_const is not None else 1.0], dtype=torch.float64)
             shift = c * (1.0 if a_const is not None else sign)
             out = _scale(t, s, shift)
@@ -634,6 +643,10 @@ class _BlockAnalysis:
         c = _per_channel(const, t.rank)
         if isinstance(c, str):
             return _Barrier(c)
+        c, rank = c
+        t = _with_rank(t, rank)
+        if isinstance(t, str):
+            return _Barrier(t)
         if div:
             c = 1.0 / c
         out = _scale(t, c, torch.zeros(1, dtype=torch.float64))
