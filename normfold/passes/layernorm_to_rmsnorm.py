@@ -108,7 +108,8 @@ from normfold.passes.base import Change, Pass, PassResult, Skip
 from normfold.passes.fold_batchnorm import producer_problem
 from normfold.tolerances import LAYERNORM_TO_RMSNORM, MEAN_FREE_RATIO, for_dtype
 
-__all__ = ["LayerNormToRMSNorm", "layernorm_to_rmsnorm", "RMSNormWithBias", "CentreOutput", "CentreInput", "MODES"]
+__all__ = ["LayerNormToRMSNorm", "layernorm_to_rmsnorm", "RMSNormWithBias", "CentredRMSNorm", "CentreOutput",
+           "CentreInput", "MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,35 @@ class RMSNormWithBias(nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) + self.bias
+
+
+class CentredRMSNorm(RMSNormWithBias):
+    """``y - mean(y)`` over the last axis of ``y = RMSNorm(x) + bias``: an RMSNorm whose output starts a mean-free stream.
+
+    Where the stream starts at a LayerNorm (BLOOM's ``word_embeddings_layernorm``, CLIP's
+    ``pre_layrnorm``), the one centring op goes into that (converted) norm. A LayerNorm without a
+    shift gets a zero bias.
+    """
+
+    @classmethod
+    def from_rmsnorm(cls, m: nn.RMSNorm) -> "CentredRMSNorm":
+        w = m.weight
+        new = cls(m.normalized_shape, eps=m.eps, elementwise_affine=m.elementwise_affine,
+                  device=w.device if w is not None else None, dtype=w.dtype if w is not None else None)
+        with torch.no_grad():
+            if w is not None:
+                new.weight.copy_(w)
+                new.weight.requires_grad_(w.requires_grad)
+            b = getattr(m, "bias", None)
+            if isinstance(b, torch.Tensor):
+                new.bias.copy_(b)
+                new.bias.requires_grad_(b.requires_grad)
+        new.train(m.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y - y.mean(dim=-1, keepdim=True)
 
 
 class CentreOutput:
@@ -1154,6 +1184,7 @@ class LayerNormToRMSNorm(Pass):
                                        "; pass example_inputs to measure the output error")
         result.metrics["layers_exact"] = sum(p.conversion == "exact" for p in plans)
         result.metrics["layers_approx"] = sum(p.conversion == "approx" for p in plans)
+        result.metrics["centring_ops"] = sum(c.action == "centre_op" for c in result.changes)
         return result
 
     def _fold_layerscales(self, module: nn.Module, a: _Analysis, roots: set[GNode], result: PassResult) -> None:
@@ -1180,7 +1211,14 @@ class LayerNormToRMSNorm(Pass):
 
     def _insert_centring(self, module: nn.Module, a: _Analysis, site: "_Site", result: PassResult) -> None:
         target = module.get_submodule(site.path)
-        if site.kind == "output":
+        if site.kind == "output" and isinstance(target, nn.RMSNorm) and site.dim == -1 \
+                and len(target.normalized_shape) == 1 and not target._forward_hooks:
+            # a LayerNorm just swapped (BLOOM's embedding LayerNorm, CLIP's pre_layrnorm): the op goes into the
+            # norm module itself, so that it is part of the model's structure (a safe file can record it)
+            new = CentredRMSNorm.from_rmsnorm(target)
+            set_submodule(module, site.path, new)
+            where = f"in {site.path} (now {type(new).__name__})"
+        elif site.kind == "output":
             target.register_forward_hook(CentreOutput(site.dim))
             where = f"on the output of {site.path} ({type(target).__name__})"
         else:
@@ -1453,6 +1491,9 @@ class LayerNormToRMSNorm(Pass):
             for r, o, x in zip(ref_outs, new_outs, new_ins):
                 dtype = r.dtype
                 o = o.double() + (folded[p.path].double() if p.path in folded else 0.0)
+                if isinstance(module.get_submodule(p.path), CentredRMSNorm):
+                    # it starts a stream with the centring op: it is meant to differ by its output's mean
+                    r = r.double() - r.double().mean(dim=-1, keepdim=True)
                 d = (o - r.double()).abs().max().item() if r.numel() else 0.0
                 scale = r.double().abs().max().item() if r.numel() else 0.0
                 max_abs, rel = max(max_abs, d), max(rel, d / scale if scale > 0 else d)

@@ -544,3 +544,32 @@ def test_bfloat16_model_is_exact_within_the_bfloat16_policy() -> None:
     assert set(conversions(r).values()) == {"exact"} and r.module.ln_f.weight.dtype == torch.bfloat16
     assert r.metrics["exact_verified"] is True and r.metrics["output_within_tolerance"] is True
     assert 0 < r.metrics["output_max_abs_error"]  # bfloat16 rounding of the centred weights shows
+
+
+class EmbeddingLayerNormGPT(TinyGPT):
+    """BLOOM-like: the stream starts at a LayerNorm of the embeddings (its output is the residual stream)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb_ln = nn.LayerNorm(32)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.lm_head(self.ln_f(self.blocks(self.emb_ln(self.tok(idx) + self.pos(pos)))))
+
+
+def test_stream_starting_at_a_layernorm_gets_the_centring_op_inside_the_converted_norm() -> None:
+    from normfold.passes.layernorm_to_rmsnorm import CentredRMSNorm
+
+    torch.manual_seed(0)
+    model = randomize_layernorms_and_heads(EmbeddingLayerNormGPT()).eval()
+    idx = tokens()
+    r = layernorm_to_rmsnorm(model, mode="exact", example_inputs=idx)
+    assert not r.skipped and set(conversions(r).values()) == {"exact"} and len(conversions(r)) == 6
+    ops = [c for c in r.changes if c.action == "centre_op"]
+    assert len(ops) == 1 and ops[0].paths == ("emb_ln",) and ops[0].details["layernorms_made_exact"] == 5
+    assert type(r.module.emb_ln) is CentredRMSNorm and r.metrics["centring_ops"] == 1
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in r.module.modules())  # structure, no hooks
+    # emb_ln's own error is measured against its centred original output: rounding only
+    assert r.metrics["layers"]["emb_ln"]["max_abs_error"] < 1e-5
+    assert_outputs_close(run_eval(r.module, (idx,)), run_eval(model, (idx,)), TOL, what="embedding LayerNorm")
