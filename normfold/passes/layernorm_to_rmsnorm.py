@@ -59,17 +59,19 @@ One explicit centring op. Where a stream starts at a map that is not linear in
 any parameter (a GELU conv stem as in Whisper's encoder, an embedding LayerNorm
 as in BLOOM, CLIP's ``pre_layrnorm``), no weight can centre it; normfold then
 inserts ``x - mean(x)`` over the hidden axis once, at that point, and every
-LayerNorm downstream becomes an exact RMSNorm. It is a forward hook
-(:class:`CentreOutput`) on the module computing the stream's start, or, for a
-functional start, a forward pre-hook (:class:`CentreInput`) on the first module
-the stream enters; it costs ``2 d`` FLOPs per token, what the centring part of
+LayerNorm downstream becomes an exact RMSNorm. Where the start is a LayerNorm,
+the op goes into its replacement (:class:`CentredRMSNorm`); at another module, it
+is a forward hook (:class:`CentreOutput`) on it; at a functional start, a
+forward pre-hook (:class:`CentreInput`) on the first module the stream enters.
+It costs ``2 d`` FLOPs per token, what the centring part of
 one LayerNorm costs, and is reported as a ``centre_op`` change with that cost.
 The rule: at most one op per stream, and only when the stream feeds at least
 :data:`MIN_LAYERNORMS_PER_CENTRING_OP` (2) LayerNorm calls, each of which then
 saves its own mean and subtraction; otherwise the stream is converted
-approximately, with the reason. The hook lives on the module object (deep
+approximately, with the reason. A hook lives on the module object (deep
 copies, ``torch.save`` of the module, torch.export and ONNX keep it), not in a
-``state_dict``.
+``state_dict``; normfold's safe files refuse a model carrying one and ask for a
+pickled module, while :class:`CentredRMSNorm` is recorded like any module.
 
 Hugging Face models are analysed as they come (:mod:`normfold.hf`): keyword
 ``example_inputs`` (a dict), caches off during the analysis and restored, the
