@@ -524,7 +524,6 @@ class _BlockAnalysis:
         self.block_path = block_path
         self.modules = dict(root.named_modules())
         self.status: dict[torch.fx.Node, _Term | _Barrier | _Const] = {}
-        self.absorbed: set[torch.fx.Node] = set()
         self.skips: list[tuple[tuple[str, ...], str]] = []
         #: the add node of each skip (its scope names the block to report it at)
         self.skip_nodes: list[torch.fx.Node] = []
@@ -589,10 +588,13 @@ class _BlockAnalysis:
         if not ok:
             return None
         vals = [self.status[a].value if isinstance(a, torch.fx.Node) else a for a in node.args]
-        with torch.no_grad():
-            if node.op == "call_method":
-                return _Const(getattr(vals[0], node.target)(*vals[1:]))
-            return _Const(node.target(*vals))
+        try:
+            with torch.no_grad():
+                if node.op == "call_method":
+                    return _Const(getattr(vals[0], node.target)(*vals[1:]))
+                return _Const(node.target(*vals))
+        except Exception:  # not computable here (a shape that only the real input has): not a constant
+            return None
 
     def _value_or_term(self, a: Any) -> Any:
         if isinstance(a, torch.fx.Node):
