@@ -1,6 +1,6 @@
 """Deployment of converted transformers: ONNX opset 23 (RMSNormalization), symbolic batch and sequence, normfold check.
 
-A causal LM (GPT-2, tied head, default ``use_cache=True``) and an encoder (ViT)
+Causal LMs (GPT-2, and BLOOM with its centring op; tied heads, default ``use_cache=True``) and an encoder (ViT)
 from tiny configs are converted exactly, exported with
 :func:`normfold.hf.export_onnx`, run in onnxruntime at another batch size and
 sequence length than the export's, and checked with :func:`normfold.check`
@@ -26,7 +26,7 @@ ort = pytest.importorskip("onnxruntime")
 TOL = LAYERNORM_TO_RMSNORM[torch.float32]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "vit"])
+@pytest.mark.parametrize("family", ["gpt2", "bloom", "vit"])
 def test_converted_model_exports_at_opset_23_and_passes_check(family: str, tmp_path) -> None:
     model, inputs = FAMILIES[family]()
     r = nf.layernorm_to_rmsnorm(model, mode="auto", example_inputs=inputs)
@@ -40,7 +40,9 @@ def test_converted_model_exports_at_opset_23_and_passes_check(family: str, tmp_p
     assert res.opset == 23 and "RMSNormalization" in ops and "LayerNormalization" not in ops
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     assert res.input_names == list(inputs)  # the keyword names, in order
-    if family == "gpt2":
+    if family == "bloom":  # the centring op inside the converted embedding LayerNorm exports as ReduceMean + Sub
+        assert {"ReduceMean", "Sub"} <= ops
+    if family in ("gpt2", "bloom"):
         assert dims == {"input_ids": ["batch", "sequence"], "attention_mask": ["batch", "sequence"]}
         g = torch.Generator().manual_seed(5)
         other = {"input_ids": torch.randint(0, VOCAB, (3, 11), generator=g),
