@@ -766,14 +766,28 @@ class MergeBranches(Pass):
         self.example_inputs = example_inputs
 
     def call(self, module: nn.Module) -> PassResult:
+        # one run's state (what was traced, the example inputs' channels) lives in its own object
+        return _MergeRun(self.example_inputs).run(module)
+
+
+class _MergeRun:
+    """One run of :class:`MergeBranches` over one model."""
+
+    def __init__(self, example_inputs: Any) -> None:
+        self.example_inputs = example_inputs
+        self._tracer_args = _timm_notrace()
+        #: blocks traced on their own (a region inside one of them is merged there, not at a parent)
+        self._traced: set[str] = set()
+        #: True when the model does not trace whole and every module is tried
+        self._fallback = False
+        self._input_channels: dict[str, list[tuple[int, torch.dtype, torch.device] | None]] = {}
+
+    def run(self, module: nn.Module) -> PassResult:
+        """Merge every region of ``module`` (edited in place) and describe what was done."""
         result = PassResult(module=module)
-        leaves, autowrap = _timm_notrace()
-        self._tracer_args = (leaves, autowrap)
         self._input_channels = self._record_input_channels(module)
         seen_skips: set[tuple[tuple[str, ...], str]] = set()
         merged_blocks = 0
-        self._traced: set[str] = set()
-        self._fallback = False
         blocks = self._candidate_blocks(module)
         for path in blocks:
             try:

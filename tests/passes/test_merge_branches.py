@@ -597,3 +597,17 @@ if st is not None:
                     example_inputs=(torch.randn(1, 3, *size),))
         if mergeable:  # merged, or left because one conv would cost more than the branches
             assert r.modified or any("multiply-adds" in s.reason for s in r.skipped), [str(s) for s in r.skipped]
+
+
+def test_a_model_that_does_not_trace_whole_is_merged_block_by_block():
+    class Untraceable(Net):
+        def forward(self, x):
+            y = self.body(self.stem(x))
+            if y.sum() > 0:  # data-dependent control flow: no fx trace of the whole model
+                y = y * 2
+            return self.head(y)
+
+    model = _prepare(Untraceable(RepVGGBlock(8, 8), ACBlock(8)))
+    x = _x(2, 3, 6, 6)
+    r = _merged(model, x)
+    assert type(r.module) is Untraceable and [c.details["block"] for c in r.changes] == ["body.1", "body.0"]
