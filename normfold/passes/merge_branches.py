@@ -28,7 +28,9 @@ float64. The rules that build terms:
   any ``d | g`` groups), then ``W = W_a +- W_b``, ``b = b_a +- b_b``. Zero-padded
   taps read zeros or real inputs times zero, so the sum is exact.
 * ``op(T)`` where ``op`` is pointwise (1x1, stride 1, no padding):
-  ``W[o, i] = sum_m W_op[o, m] W_T[m, i]``, ``b = W_op b_T + b_op`` -- exact.
+  ``W[o, i] = sum_m W_op[o, m] W_T[m, i]``, ``b = W_op b_T + b_op`` -- exact. A
+  BatchNorm or a scale after the add is this case; a 1x1 conv is taken in only
+  after a merged sum (a plain conv -> 1x1 chain is not a re-parameterizable block).
 * ``op(T)`` where ``T`` is pointwise and ``op`` has a kxk kernel (the 1x1 ->
   kxk rule, the avg-pool branch of DBB): ``W[o, i, k] = sum_m W_op[o, m, k] W_T[m, i]``,
   ``b = b_op + sum_{m,k} W_op[o, m, k] b_T[m]``. Exact only when ``op`` reads
@@ -40,7 +42,15 @@ through a nonlinearity, a BatchNorm in training mode, strides, dilations or
 paddings that do not line up, a branch output read elsewhere, a module with
 hooks, an in-place op on the shared input, and a merge whose conv would cost
 more multiply-adds than the ops it replaces (a dense 1x1 after a depthwise kxk
-is left alone for that reason).
+is left alone for that reason). Refusals are reported where the add looks like a
+re-parameterizable block (every branch short); a residual around a conv-act-conv
+stack or an attention module is not one and is not reported. Rewritten only when
+something merges: a conv -> pool chain alone (DenseNet's transition) and sums of
+identities and constants alone (``x + x``) stay as written.
+
+Regions are found on one fx trace of the whole model; each block is then traced
+on its own and rewritten. A model that does not trace whole is tried module by
+module, children first.
 
 The model that comes back: the outer class stays; each block whose branches
 merged (the innermost module whose ``forward`` holds the whole region) gives
