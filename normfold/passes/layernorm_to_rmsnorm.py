@@ -265,6 +265,15 @@ class _Writer:
     module_path: str | None
 
 
+@dataclass(frozen=True)
+class _AddmmTarget:
+    """An ``addmm(bias, x, weight)`` reader (HF Conv1D, an (in, out) weight) that takes a LayerNorm's shift."""
+
+    path: str
+    weight: str
+    bias: str
+
+
 @dataclass
 class _LayerScale:
     """A per-feature parameter ``scale`` (axis ``axis`` of it) multiplying the output of ``writer``."""
@@ -1385,7 +1394,16 @@ class LayerNormToRMSNorm(Pass):
         new.train(ln.training)
         folded_bias = None
         bias_note = "no shift" if b is None else "shift kept as RMSNormWithBias.bias"
-        if target is not None:
+        if isinstance(target, _AddmmTarget):
+            holder = module.get_submodule(target.path)
+            weight, bias = getattr(holder, target.weight), getattr(holder, target.bias)
+            with torch.no_grad():  # (y + b) W + c = y W + (b W + c), W an (in, out) weight
+                new_c = bias.detach().to(torch.float64) + b.detach().to(torch.float64) @ weight.detach().to(torch.float64)
+                bias.copy_(new_c.to(bias.dtype))
+            folded_bias = b.detach().clone()
+            bias_note = f"shift folded into {target.path}.{target.bias} ({type(holder).__name__}, addmm)"
+            target = target.path
+        elif target is not None:
             reader = module.get_submodule(target)
             holder, wname, bname = (reader, "in_proj_weight", "in_proj_bias") \
                 if isinstance(reader, nn.MultiheadAttention) else (reader, "weight", "bias")
@@ -1411,8 +1429,8 @@ class LayerNormToRMSNorm(Pass):
         return folded_bias
 
     def _bias_target(self, module: nn.Module, graph: ModelGraph, p: _LayerPlan,
-                     slots: dict[int, list[tuple[str, str]]]) -> str | None:
-        """The Linear (or self-attention) that alone reads this LayerNorm's output (through selections), or None."""
+                     slots: dict[int, list[tuple[str, str]]]) -> "str | _AddmmTarget | None":
+        """The Linear (self-attention, HF Conv1D) that alone reads this LayerNorm's output (through selections), or None."""
         if len(p.calls) != 1 or _norm_rank(module.get_submodule(p.path)) != 1:
             return None
         node, axis = p.calls[0], -1
@@ -1457,8 +1475,41 @@ class LayerNormToRMSNorm(Pass):
                     return None
                 node = u
                 continue
+            if u.op in ("function", "method") and _op_name(u) in _SHAPE_OPS:
+                # a reshape that keeps the hidden (last) axis whole, as Conv1D's x.view(-1, d)
+                if node.shape is None or u.shape is None or _reshape_input_axis(u.shape, node.shape, -1) != -1:
+                    return None
+                node = u
+                continue
+            if u.op in ("function", "method") and _op_name(u) == "addmm":
+                return self._addmm_takes_shift(graph, finder, u, node, slots)
             return None
         return None
+
+    @staticmethod
+    def _addmm_takes_shift(graph: ModelGraph, finder: "_StreamFinder", u: GNode, node: GNode,
+                           slots: dict[int, list[tuple[str, str]]]) -> "_AddmmTarget | None":
+        """``addmm(c, y, W)`` (HF Conv1D) reading the LayerNorm output ``y``: ``(y + b) W + c = y W + (b W + c)``.
+
+        ``c`` and ``W`` must be parameters of one module, read nowhere else, untied.
+        """
+        args, kwargs, fx2g = finder._fx_args(u)
+        if len(args) != 3 or kwargs or fx2g.get(args[1]) is not node:
+            return None
+        c, w = fx2g.get(args[0]), fx2g.get(args[2])
+        if c is None or w is None or c.op != "attr" or w.op != "attr":
+            return None
+        (c_owner, _, c_name), (w_owner, _, w_name) = str(c.target).rpartition("."), str(w.target).rpartition(".")
+        if c_owner != w_owner:
+            return None
+        tc, tw = _get_tensor(graph.root, c_owner, c_name), _get_tensor(graph.root, w_owner, w_name)
+        if tc is None or tw is None or tc.dim() != 1 or tw.dim() != 2 or tw.shape[1] != tc.shape[0]:
+            return None
+        for attr, t in ((c, tc), (w, tw)):
+            reads = [x for x in attr.users if not _reads_metadata_only(x)]
+            if len(slots.get(id(t), [])) != 1 or len(reads) != 1 or len(graph.attr_reads.get(attr.target, [])) > 1:
+                return None
+        return _AddmmTarget(c_owner, w_name, c_name)
 
     @staticmethod
     def _mha_takes_shift(graph: ModelGraph, u: GNode, ln_node: GNode, slots: dict[int, list[tuple[str, str]]]) -> bool:

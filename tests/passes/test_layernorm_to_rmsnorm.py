@@ -450,6 +450,9 @@ def test_writers_are_recognised_by_what_they_compute() -> None:
     assert {"attn_out.weight", "attn_out.bias", "fc_out.weight", "fc_out.bias", "tok.weight"} <= centred
     assert torch.allclose(r.module.attn_out.weight.double().mean(dim=1), torch.zeros(16, dtype=torch.float64),
                           atol=1e-7)  # (in, out) weight: centred along its output axis, dim 1
+    # ln1's shift goes into the Conv1D's bias through its view + addmm: (y + b) W + c = y W + (b W + c)
+    assert type(r.module.ln1) is nn.RMSNorm
+    assert next(c for c in r.changes if c.paths[0] == "ln1").details["bias_folded_into"] == "attn_out"
     assert_outputs_close(run_eval(r.module, (idx,)), run_eval(model, (idx,)), TOL, what="Conv1D + FalconLinear")
 
     other = randomize_layernorms_and_heads(OddWriters(mlp_out=ScaledLinear)).eval()
