@@ -88,7 +88,8 @@ class OutputChannelFold:
 
         Each block is widened exactly, multiplied in float64 and rounded once
         on the way back, so the extra memory is one block, not a float64 copy
-        of the layer.
+        of the layer. The writes go through the detached weight (same
+        storage), so autograd does not see them and no ``torch.no_grad()`` is needed.
         """
         wd = self.weight.detach()
         work = wd if wd.is_contiguous() else wd.contiguous()
@@ -96,25 +97,24 @@ class OutputChannelFold:
         v, blocks = _row_blocks(work, self.kind, self.groups, s)
         per_row = s.view(-1, 1, 1)
         rows_per_step = max(1, CHUNK_ELEMS // max(1, v.shape[1] * v.shape[2]))
-        with torch.no_grad():
-            if blocks[0][2] is None and v.shape[0] <= rows_per_step:
-                # the whole layer is one step (most layers): no slicing, less per-layer overhead
-                buf = v.to(torch.float64)
-                buf.mul_(per_row)
-                v.copy_(buf)
-            else:
-                buf = torch.empty((min(rows_per_step, v.shape[0]), *v.shape[1:]), dtype=torch.float64,
-                                  device=work.device)
-                for a, b, sc in blocks:
-                    for i in range(a, b, rows_per_step):
-                        j = min(b, i + rows_per_step)
-                        out = buf[: j - i]
-                        # three plain copy/mul kernels are about twice as fast on CPU as one mixed-dtype mul
-                        out.copy_(v[i:j])
-                        out.mul_(sc if sc is not None else per_row[i:j])
-                        v[i:j].copy_(out)
-            if work is not wd:
-                wd.copy_(work)
+        if blocks[0][2] is None and v.shape[0] <= rows_per_step:
+            # the whole layer is one step (most layers): no slicing, less per-layer overhead
+            buf = v.to(torch.float64)
+            buf.mul_(per_row)
+            v.copy_(buf)
+        else:
+            buf = torch.empty((min(rows_per_step, v.shape[0]), *v.shape[1:]), dtype=torch.float64,
+                              device=work.device)
+            for a, b, sc in blocks:
+                for i in range(a, b, rows_per_step):
+                    j = min(b, i + rows_per_step)
+                    out = buf[: j - i]
+                    # three plain copy/mul kernels are about twice as fast on CPU as one mixed-dtype mul
+                    out.copy_(v[i:j])
+                    out.mul_(sc if sc is not None else per_row[i:j])
+                    v[i:j].copy_(out)
+        if work is not wd:
+            wd.copy_(work)
         return self.bias
 
 
@@ -236,9 +236,8 @@ def fold_into_output_channels(producer: nn.Module, scale: torch.Tensor, shift: t
     if isinstance(fold, Refusal):
         return fold
     new_b = fold.apply()
-    with torch.no_grad():
-        if producer.bias is not None:
-            producer.bias.copy_(new_b)
-        else:
-            producer.bias = nn.Parameter(new_b, requires_grad=producer.weight.requires_grad)
+    if producer.bias is not None:
+        producer.bias.detach().copy_(new_b)
+    else:
+        producer.bias = nn.Parameter(new_b, requires_grad=producer.weight.requires_grad)
     return None

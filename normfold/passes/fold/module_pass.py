@@ -81,9 +81,18 @@ def _bn_dtype(bn: nn.Module) -> torch.dtype | None:
     return None
 
 
-def _layer_names(root: nn.Module, paths: list[str]) -> str:
+def _layer_names(where: ModuleReader | nn.Module, paths: list[str]) -> str:
     """``"a.conv (Conv2d), b.fc (Linear)"`` for the change messages."""
-    return ", ".join(f"{p} ({type(root.get_submodule(p)).__name__})" for p in paths)
+    get = where.module_at if isinstance(where, ModuleReader) else where.get_submodule
+    return ", ".join(f"{p} ({type(get(p)).__name__})" for p in paths)
+
+
+def _set_bias(layer: nn.Module, new_b: torch.Tensor) -> None:
+    """Write the folded bias into ``layer`` (a new Parameter, with the weight's requires_grad, when it had none)."""
+    if layer.bias is not None:
+        layer.bias.detach().copy_(new_b)  # the same storage, without autograd seeing an in-place write
+    else:
+        layer.bias = nn.Parameter(new_b, requires_grad=layer.weight.requires_grad)
 
 
 class FoldBatchNormModules(Pass):
@@ -217,18 +226,13 @@ class FoldBatchNormModules(Pass):
                     fold.suffixed(f" ({part.producer.ref})")
             edits.append((layer, fold))
         for layer, fold in edits:
-            new_b = fold.apply()
-            with torch.no_grad():
-                if layer.bias is not None:
-                    layer.bias.copy_(new_b)
-                else:
-                    layer.bias = nn.Parameter(new_b, requires_grad=layer.weight.requires_grad)
+            _set_bias(layer, fold.apply())
         self._remove_bn(r, node.target, bn)
         paths = [part.producer.ref for part in plan.parts]
         through = f" through {', '.join(plan.ops)}" if plan.ops else ""
         result.changes.append(Change(self.name, "fold", (node.target, *paths),
                                      f"folded {node.target} ({type(bn).__name__}) into "
-                                     f"{_layer_names(r.root, paths)}{through}",
+                                     f"{_layer_names(r, paths)}{through}",
                                      {"channels": affine.num_features, "through": list(plan.ops)}))
         return None
 
@@ -268,19 +272,15 @@ class FoldBatchNormModules(Pass):
                 return folded.suffixed(f" ({h.consumer.label})") if "overflow" in folded.reason else folded
             edits.append((layer, *folded))
         for layer, new_w, new_b in edits:
-            with torch.no_grad():
-                layer.weight.copy_(new_w)
-                if new_b is not None:
-                    if layer.bias is not None:
-                        layer.bias.copy_(new_b)
-                    else:
-                        layer.bias = nn.Parameter(new_b, requires_grad=layer.weight.requires_grad)
+            layer.weight.detach().copy_(new_w)
+            if new_b is not None:
+                _set_bias(layer, new_b)
         self._remove_bn(r, node.target, bn)
         consumers = [h.consumer.ref for h in plan.hits]
         through = f" through {', '.join(plan.ops)}" if plan.ops else ""
         result.changes.append(Change(self.name, "fold_forward", (node.target, *consumers),
                                      f"folded {node.target} ({type(bn).__name__}) forward into "
-                                     f"{_layer_names(r.root, consumers)}{through}",
+                                     f"{_layer_names(r, consumers)}{through}",
                                      {"channels": affine.num_features, "through": list(plan.ops)}))
         return None
 
@@ -288,7 +288,9 @@ class FoldBatchNormModules(Pass):
     def _remove_bn(r: ModuleReader, path: str, bn: nn.Module) -> None:
         """Put the BatchNorm's remnant (Identity, or its drop/act) in its place, in the model and in the GraphModule."""
         remnant = batchnorm_remnant(bn)
-        set_submodule(r.root, path, remnant)
+        parent, _, name = path.rpartition(".")
+        # the parent's module table directly: set_submodule walks the path with get_submodule (30 us a call)
+        r.module_at(parent)._modules[name] = remnant
         if r.graph.has_graph_module and r.graph.graph_module is not r.root:
             try:
                 # the GraphModule holds its own references to the leaf modules; keep it in step in case a
@@ -344,12 +346,7 @@ class FoldBatchNormModules(Pass):
                                     affine.scale, affine.shift)
         if isinstance(fold, Refusal):
             return skip(fold.reason, part.producer.ref)
-        new_b = fold.apply()
-        with torch.no_grad():
-            if layer.bias is not None:
-                layer.bias.copy_(new_b)
-            else:
-                layer.bias = nn.Parameter(new_b, requires_grad=layer.weight.requires_grad)
+        _set_bias(layer, fold.apply())
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         result.changes.append(Change(self.name, "fold", (node.name, part.producer.ref),
