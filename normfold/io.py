@@ -62,7 +62,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -573,20 +573,48 @@ def _is_normfold_hf_dir(p: Path) -> bool:
         return False
 
 
-def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None) -> Path:
-    """Refuse to write over the input or into a folder that does not exist.
+def check_output_path(output: str | os.PathLike, inputs: str | os.PathLike | Iterable[str | os.PathLike | None] | None = (),
+                      *, flag: str, suffix: str | None = None, what: str = "file", folder: bool = False) -> Path:
+    """The one rule for output paths; refuse, before any work, one that cannot be written; return it as a Path.
 
-    An existing folder is accepted only when it is a Hugging Face folder
-    normfold wrote (it is then replaced whole).
+    Each refusal is a :class:`UsageError` whose message names ``flag`` (the
+    option that set the path, ``-o``, ``--json``...), in this order:
+
+    * ``suffix`` given and the path does not end with it ("give the ONNX file
+      a .onnx suffix", with ``what`` naming the file);
+    * the path is one of ``inputs`` (never overwrite an input);
+    * the path is an existing directory, unless ``folder`` (a Hugging Face
+      model is written as a folder) and it is a folder normfold wrote, which
+      is then replaced whole;
+    * its parent folder does not exist;
+    * this process cannot create a file in that folder, probed by creating and
+      removing a temporary file (permission bits do not tell, for example,
+      that root cannot write into ``/sys``);
+    * the path exists and is read-only.
     """
     out = Path(output)
-    if input_path is not None and out.exists() and Path(input_path).exists() and out.resolve() == Path(input_path).resolve():
-        raise UsageError(f"refusing to overwrite the input {input_path}; pass another -o path")
-    if out.is_dir() and not _is_normfold_hf_dir(out):
-        raise UsageError(f"-o {out} is an existing directory; pass a file path (or a new folder for a Hugging Face "
-                         "model)")
-    if not out.parent.exists():
-        raise UsageError(f"-o {out}: folder {out.parent} does not exist; create it or pass another path")
+    if inputs is None or isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if suffix is not None and out.suffix != suffix:
+        raise UsageError(f"{flag} {out}: give the {what} a {suffix} suffix")
+    for src in inputs:
+        if src and out.exists() and Path(src).exists() and out.resolve() == Path(src).resolve():
+            raise UsageError(f"{flag} {out} is an input file; refusing to overwrite the input: pass another path")
+    if out.is_dir() and not (folder and _is_normfold_hf_dir(out)):
+        hint = " (or a new folder for a Hugging Face model)" if folder else ""
+        raise UsageError(f"{flag} {out} is an existing directory; pass a file path{hint}")
+    parent = out.parent
+    if not parent.exists():
+        raise UsageError(f"{flag} {out}: folder {parent} does not exist; create it or pass another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=parent)
+    except OSError as exc:
+        raise UsageError(f"{flag} {out}: cannot write in {parent} ({exc.strerror or type(exc).__name__}); "
+                         "pass a path in a folder you can write to") from None
+    os.close(fd)
+    os.unlink(probe)
+    if out.is_file() and not os.access(out, os.W_OK):
+        raise UsageError(f"{flag} {out} exists and is read-only; pass another path")
     return out
 
 
@@ -704,7 +732,7 @@ def save_model(module: nn.Module, path: str | os.PathLike, *, input_path: str | 
     """
     if source is not None and input_path is None:
         input_path = source.path
-    out = check_output_path(path, input_path)
+    out = check_output_path(path, input_path, flag="-o", folder=True)
     suffix = out.suffix
     if pickle:
         if suffix in (".safetensors", ".pt2"):

@@ -8,9 +8,10 @@ print. The rules live here, once:
   training mode), a pickled module may have been saved in training mode, and
   an ExportedProgram's module refuses ``.eval()``; :func:`eval_form` gives the
   eval form of each, and says what it changed.
-* **Outputs before work.** :func:`check_writable` refuses an output path that
-  cannot be written (missing folder, a directory, no permission, the input
-  itself) before any work starts, naming the flag that set it.
+* **Outputs before work.** The commands refuse an output path that cannot be
+  written (missing folder, a directory, no permission, the input itself)
+  before any work starts, with :func:`normfold.io.check_output_path` (the one
+  rule for output paths, which :func:`normfold.io.save_model` applies too).
 * **Inputs before allocating.** :func:`check_input_size` refuses random inputs
   whose bytes exceed a limit, naming the bytes and the flag that overrides it.
 * **No silent no-op.** :class:`RewriteOutcome` says whether the rewrite
@@ -21,18 +22,15 @@ print. The rules live here, once:
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from normfold.errors import InputError, UsageError
+from normfold.errors import InputError
 
-__all__ = ["check_writable", "check_input_size", "input_bytes", "DEFAULT_MAX_INPUT_BYTES", "eval_form",
+__all__ = ["check_input_size", "input_bytes", "DEFAULT_MAX_INPUT_BYTES", "eval_form",
            "ExportedModel", "as_module", "exported_eval_graph", "interrupted_by", "RewriteOutcome", "rewrite_and_verify",
            "fold",
            "format_bytes"]
@@ -40,39 +38,6 @@ __all__ = ["check_writable", "check_input_size", "input_bytes", "DEFAULT_MAX_INP
 #: random inputs larger than this are refused unless the caller raises the limit (``--max-input-bytes``):
 #: 2 GiB is 20x a batch of 8 ImageNet images in float64, and far below what would take a machine down
 DEFAULT_MAX_INPUT_BYTES = 2 * 2**30
-
-
-# ------------------------------------------------------------------------------------------------- outputs
-
-
-def check_writable(path: str | os.PathLike, *, flag: str, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
-    """Refuse, before any work, an output ``path`` that cannot be written; return it as a Path.
-
-    Refused, each with a :class:`UsageError` naming ``flag``: a path that is a
-    directory, a missing parent folder, a folder this process cannot create a
-    file in (probed by creating and removing a temporary file: permission
-    bits do not tell, for example, that root cannot write into ``/sys``), and
-    one of ``inputs``.
-    """
-    out = Path(path)
-    for src in inputs:
-        if src and out.exists() and Path(src).exists() and out.resolve() == Path(src).resolve():
-            raise UsageError(f"{flag} {out} is an input file; refusing to overwrite the input: pass another path")
-    if out.is_dir():
-        raise UsageError(f"{flag} {out} is a directory; pass a file path")
-    parent = out.parent
-    if not parent.exists():
-        raise UsageError(f"{flag} {out}: folder {parent} does not exist; create it or pass another path")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=parent)
-    except OSError as exc:
-        raise UsageError(f"{flag} {out}: cannot write in {parent} ({exc.strerror or type(exc).__name__}); "
-                         "pass a path in a folder you can write to") from None
-    os.close(fd)
-    os.unlink(probe)
-    if out.exists() and not os.access(out, os.W_OK):
-        raise UsageError(f"{flag} {out} exists and is read-only; pass another path")
-    return out
 
 
 # -------------------------------------------------------------------------------------------------- inputs

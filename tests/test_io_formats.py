@@ -22,7 +22,7 @@ from torch import nn
 
 import normfold as nf
 from normfold.errors import ModelLoadError, UsageError
-from normfold.io import arch_module, default_output_path, load_model, parse_arch, save_model
+from normfold.io import arch_module, check_output_path, default_output_path, load_model, parse_arch, save_model
 from normfold.recipe import RecipeError
 from tests.commands._cli import run_cli
 from tests.conftest import randomize_bn_stats, run_eval
@@ -476,3 +476,28 @@ def test_cli_pickle_and_pt2_outputs_on_request(demo, tmp_path: Path, capsys) -> 
     program = load_model(tmp_path / "f.pt2").program
     with torch.no_grad():
         torch.testing.assert_close(program.module()(X), run_eval(whole, (X,)), atol=1e-5, rtol=0)
+
+
+def test_check_output_path_is_the_one_rule(tmp_path: Path) -> None:
+    """Every refusal names the flag the caller gave; a good path comes back as a Path and leaves nothing behind."""
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"x")
+    assert check_output_path(str(tmp_path / "r.json"), [str(model), None], flag="--json") == tmp_path / "r.json"
+    assert list(tmp_path.iterdir()) == [model]  # the write probe is removed
+    with pytest.raises(UsageError, match=r"^--save-onnx .*give the ONNX file a \.onnx suffix"):
+        check_output_path(tmp_path / "m.txt", flag="--save-onnx", suffix=".onnx", what="ONNX file")
+    with pytest.raises(UsageError, match=r"^-o .*refusing to overwrite the input"):
+        check_output_path(model, [None, model], flag="-o")
+    with pytest.raises(UsageError, match=r"^--json .*existing directory"):
+        check_output_path(tmp_path, model, flag="--json")
+    with pytest.raises(UsageError, match=r"^--junit-xml .*folder .* does not exist"):
+        check_output_path(tmp_path / "no" / "r.xml", (), flag="--junit-xml")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            with pytest.raises(UsageError, match=r"^-o .*cannot write in"):
+                check_output_path(locked / "m.safetensors", model, flag="-o")
+        finally:
+            locked.chmod(0o700)

@@ -74,13 +74,13 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
 
 def check_report_paths(args: argparse.Namespace) -> None:
     """Refuse unwritable --json / --junit-xml paths (and input files) before any work, naming the flag."""
-    from normfold.commands._common import check_output
+    from normfold.io import check_output_path
 
     inputs = [getattr(args, "model", ""), getattr(args, "candidate", "") or "", getattr(args, "onnx", "") or ""]
     for flag in ("json", "junit_xml"):
         value = getattr(args, flag, None)
         if value:
-            check_output(value, f"--{flag.replace('_', '-')}", *inputs)
+            check_output_path(value, inputs, flag=f"--{flag.replace('_', '-')}")
 
 
 def run_check(args: argparse.Namespace, console: Console, reference: Any, **kwargs: Any) -> CheckReport:

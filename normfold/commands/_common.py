@@ -124,17 +124,6 @@ def add_safety_arguments(p: argparse.ArgumentParser, *, noop: bool = True) -> No
                             "CI step that folds nothing does not pass)")
 
 
-def check_output(value: str | Path, flag: str, *inputs: Any) -> Path:
-    """Refuse an output path before the work (:func:`normfold.pipeline.check_writable`); an existing folder
-    follows :func:`normfold.io.check_output_path` (a Hugging Face folder normfold wrote may be replaced)."""
-    from normfold.io import check_output_path
-    from normfold.pipeline import check_writable
-
-    if Path(value).is_dir():
-        return check_output_path(value, inputs[0] if inputs else None)
-    return check_writable(value, flag=flag, inputs=[str(i) for i in inputs if i])
-
-
 def resolve_inputs(args: argparse.Namespace, model: nn.Module, console: Console) -> tuple[torch.Tensor, ...]:
     """Seeded inputs from --input-shape, or from a shape inferred from the first layer (said on one line)."""
     from normfold.pipeline import DEFAULT_MAX_INPUT_BYTES, check_input_size

@@ -31,8 +31,9 @@ from rich.console import Console
 import torch
 
 from normfold.commands._checking import add_check_arguments, check_report_paths, finish, run_check
-from normfold.commands._common import Command, add_model_arguments, add_safety_arguments, check_output, load_from_args
+from normfold.commands._common import Command, add_model_arguments, add_safety_arguments, load_from_args
 from normfold.errors import UsageError
+from normfold.io import check_output_path
 from normfold.inputs import parse_shape
 
 
@@ -63,15 +64,14 @@ class CheckCommand(Command):
             raise UsageError("--save-onnx keeps the ONNX file the check exports; with --onnx nothing is exported")
         if args.onnx and Path(args.onnx).suffix != ".onnx":
             raise UsageError(f"--onnx {args.onnx}: expected a .onnx file")
-        if args.save_onnx and Path(args.save_onnx).suffix != ".onnx":
-            raise UsageError(f"--save-onnx {args.save_onnx}: give the file a .onnx suffix")
         if args.opset is not None and args.opset < 7:
             raise UsageError(f"--opset {args.opset} is not an ONNX opset onnxruntime runs; use 18 or later")
         if args.candidate and Path(args.candidate).exists() and Path(args.candidate).resolve() == \
                 Path(args.model).resolve():
             raise UsageError("--candidate is MODEL itself; pass the transformed model file")
         if args.save_onnx:
-            check_output(args.save_onnx, "--save-onnx", args.model, args.candidate)
+            check_output_path(args.save_onnx, [args.model, args.candidate], flag="--save-onnx", suffix=".onnx",
+                              what="ONNX file")
         check_report_paths(args)
         if args.input_shape:
             from normfold.pipeline import DEFAULT_MAX_INPUT_BYTES, check_input_size

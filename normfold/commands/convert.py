@@ -30,9 +30,10 @@ from rich.table import Table
 from torch import nn
 
 from normfold.commands._common import (Command, add_model_arguments, add_output_argument, add_safety_arguments,
-                                       check_output, final_line, load_from_args, output_path, print_comparison,
+                                       final_line, load_from_args, output_path, print_comparison,
                                        print_pass_result, resolve_inputs, verify, working_copy, write_model)
 from normfold.errors import UsageError
+from normfold.io import check_output_path
 from normfold.commands._checking import add_tolerance_arguments
 from normfold.pipeline import RewriteOutcome
 from normfold.verify import tolerance_from_args
@@ -77,13 +78,14 @@ class ConvertCommand(Command):
         self._check_flags(args)
         step = args.to
         if args.output:
-            check_output(args.output, "-o", args.model, args.calibration_data)
+            check_output_path(args.output, [args.model, args.calibration_data], flag="-o", folder=True)
         loaded = load_from_args(args, console)
         if loaded.kind == "exported":
             raise UsageError(f"{loaded.path} is an ExportedProgram (.pt2): its norm layers are graph ops, not "
                              "modules to replace; convert the nn.Module (a .pt state_dict with --arch, or a "
                              "pickled module with --trust)")
-        check_output(output_path(args, loaded, step), "-o", args.model)  # a bad -o fails before the work
+        # a bad -o fails before the work
+        check_output_path(output_path(args, loaded, step), [args.model, args.calibration_data], flag="-o", folder=True)
         original = loaded.module
         inputs = resolve_inputs(args, original, console)
         result, exact = self._convert(args, original, inputs, console)

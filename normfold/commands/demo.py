@@ -15,11 +15,11 @@ import argparse
 
 from rich.console import Console
 
-from normfold.commands._checking import add_report_arguments, print_report, write_reports
+from normfold.commands._checking import add_report_arguments, check_report_paths, print_report, write_reports
 from normfold.commands._common import Command, final_line, print_pass_result
 from normfold.check.checker import check
 from normfold.demo import DEMO_INPUT_SHAPE, build_demo_model
-from normfold.errors import UsageError
+from normfold.io import check_output_path
 from normfold.inputs import random_inputs
 from normfold.passes.fold_batchnorm import fold_batchnorm
 
@@ -33,8 +33,10 @@ class DemoCommand(Command):
         add_report_arguments(p)
 
     def run(self, args: argparse.Namespace, console: Console) -> int:
-        if args.save_onnx and not args.save_onnx.endswith(".onnx"):
-            raise UsageError(f"--save-onnx {args.save_onnx}: give the file a .onnx suffix")
+        # every output is refused before the work, not after it
+        if args.save_onnx:
+            check_output_path(args.save_onnx, flag="--save-onnx", suffix=".onnx", what="ONNX file")
+        check_report_paths(args)
         model = build_demo_model(args.seed)
         inputs = random_inputs([DEMO_INPUT_SHAPE], seed=args.seed)
         console.print(f"demo model: {type(model).__name__}, input {tuple(DEMO_INPUT_SHAPE)}, seed {args.seed}")

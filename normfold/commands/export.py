@@ -21,10 +21,11 @@ from pathlib import Path
 from rich.console import Console
 
 from normfold.commands._checking import add_tolerance_arguments, print_report
-from normfold.commands._common import (Command, add_model_arguments, add_safety_arguments, check_output, final_line,
+from normfold.commands._common import (Command, add_model_arguments, add_safety_arguments, final_line,
                                        load_from_args, resolve_inputs)
 from normfold.check.checker import check
 from normfold.errors import UsageError
+from normfold.io import check_output_path
 from normfold.export import export_onnx, move_onnx
 from normfold.verify import tolerance_from_args
 
@@ -44,11 +45,9 @@ class ExportCommand(Command):
 
     def run(self, args: argparse.Namespace, console: Console) -> int:
         out = Path(args.output) if args.output else Path(args.model).with_name(Path(args.model).stem + ".onnx")
-        if out.suffix != ".onnx":
-            raise UsageError(f"-o {out}: give the ONNX file a .onnx suffix")
         if args.opset is not None and args.opset < 7:
             raise UsageError(f"--opset {args.opset} is not an ONNX opset onnxruntime runs; use 18 or later")
-        check_output(out, "-o", args.model)
+        check_output_path(out, args.model, flag="-o", suffix=".onnx", what="ONNX file")
         loaded = load_from_args(args, console)
         model = loaded.module
         inputs = resolve_inputs(args, model, console)

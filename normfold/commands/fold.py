@@ -35,7 +35,7 @@ from rich.console import Console
 import torch
 
 from normfold.commands._common import (Command, add_model_arguments, add_output_argument,
-                                       add_safety_arguments, check_output, final_line, load_from_args, output_path,
+                                       add_safety_arguments, final_line, load_from_args, output_path,
                                        print_comparison, print_pass_result, quiet_tracing, resolve_inputs,
                                        write_model)
 from normfold.commands._checking import add_check_arguments, check_report_paths, print_report, run_check, \
@@ -43,7 +43,7 @@ from normfold.commands._checking import add_check_arguments, check_report_paths,
 from normfold.errors import InputError, UsageError
 from normfold.export import move_onnx
 from normfold.inputs import parse_shape, random_inputs
-from normfold.io import LoadedModel
+from normfold.io import LoadedModel, check_output_path
 from normfold.verify import compare, tolerance_from_args
 from normfold import pipeline
 
@@ -63,15 +63,13 @@ class FoldCommand(Command):
     def run(self, args: argparse.Namespace, console: Console) -> int:
         # every output is refused before the work, not after it
         if args.onnx is not None:
-            if Path(args.onnx).suffix != ".onnx":
-                raise UsageError(f"--onnx {args.onnx}: give the ONNX file a .onnx suffix")
-            check_output(args.onnx, "--onnx", args.model)
+            check_output_path(args.onnx, args.model, flag="--onnx", suffix=".onnx", what="ONNX file")
         if args.output:
-            check_output(args.output, "-o", args.model)
+            check_output_path(args.output, args.model, flag="-o", folder=True)
         check_report_paths(args)
         loaded = load_from_args(args, console)
         if not args.output:
-            check_output(output_path(args, loaded, "folded"), "-o", args.model)
+            check_output_path(output_path(args, loaded, "folded"), args.model, flag="-o", folder=True)
         if loaded.kind == "exported":
             if args.onnx or args.check:
                 raise UsageError("--onnx and --check work on nn.Module models; fold the .pt2, then run "

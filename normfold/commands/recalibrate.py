@@ -25,9 +25,10 @@ from rich.console import Console
 from rich.table import Table
 
 from normfold.commands._common import (Command, add_model_arguments, add_output_argument, add_safety_arguments,
-                                       check_output, final_line, load_from_args, output_path, print_skips,
+                                       final_line, load_from_args, output_path, print_skips,
                                        write_model)
 from normfold.errors import UsageError
+from normfold.io import check_output_path
 from normfold.inputs import run_model
 from normfold.data import IMAGE_SUFFIXES, TENSOR_SUFFIXES, load_data
 from normfold.recalibrate import DEFAULT_BATCH_SIZE, ESTIMATORS, RecalibrationResult, recalibrate
@@ -66,14 +67,14 @@ class RecalibrateCommand(Command):
             if value is not None and value < 1:
                 raise UsageError(f"--{flag.replace('_', '-')} {value} must be a positive integer")
         if args.output:
-            check_output(args.output, "-o", args.model, args.data)
+            check_output_path(args.output, [args.model, args.data], flag="-o", folder=True)
         loaded = load_from_args(args, console)
         if loaded.kind == "exported":
             raise UsageError(f"{loaded.path} is an ExportedProgram (.pt2), whose BatchNorms are graph ops without "
                              "running buffers to update: recalibrate the nn.Module (a .pt state_dict with --arch, "
                              "or a pickled module with --trust)")
         # refuse a bad -o before a long run, not after it
-        check_output(output_path(args, loaded, "recalibrated"), "-o", args.model, args.data)
+        check_output_path(output_path(args, loaded, "recalibrated"), [args.model, args.data], flag="-o", folder=True)
         original = loaded.module
         data, description = load_data(args.data, model=original, image_size=args.image_size,
                                       mean=args.mean, std=args.std, batch_size=args.batch_size, seed=args.seed)
