@@ -16,8 +16,9 @@ Loading rules (docs/architecture.md, "Model files"):
 * A Hugging Face ``save_pretrained`` directory (``config.json`` and
   ``model.safetensors`` or ``pytorch_model.bin``) is built with the class the
   config's ``architectures`` names, looked up on the ``transformers``
-  package, from the local files only (``HF_HUB_OFFLINE=1``,
-  ``local_files_only=True``): never the network.
+  package, from the local files only (``local_files_only=True``, and
+  ``HF_HUB_OFFLINE=1`` while the folder is read, the caller's value restored
+  afterwards): never the network.
 * ``.pt2`` is a torch.export ExportedProgram.
 * A file normfold wrote carries a *recipe* (:mod:`normfold.recipe`): the
   model is built from its factory or Hugging Face class, the recipe's
@@ -59,6 +60,7 @@ import pickle as pickle_module
 import shutil
 import sys
 import tempfile
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,7 +292,8 @@ def load_model(path: str | os.PathLike, *, trust: bool = False, arch: str | None
     if not p.exists():
         raise ModelLoadError(f"{p}: no such file; check the path")
     if p.is_dir():
-        return _load_hf_dir(p)
+        with _hf_offline():
+            return _load_hf_dir(p)
     if p.stat().st_size == 0:
         raise ModelLoadError(f"{p} is empty; re-save the model with torch.save")
     if p.suffix == ".pt2":
@@ -457,10 +460,61 @@ def _corrupt(p: Path, exc: BaseException) -> ModelLoadError:
 # ---------------------------------------------------------------------------------------------------- Hugging Face
 
 
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_offline_lock = threading.Lock()
+_offline_depth = 0  # how many _hf_offline blocks are open, in any thread
+_offline_saved: dict[str, Any] = {}  # what the outermost block restores
+
+
+@contextlib.contextmanager
+def _hf_offline() -> Iterator[None]:
+    """Hugging Face offline mode while a folder is read; the caller's settings are restored afterwards.
+
+    ``HF_HUB_OFFLINE=1`` and ``TRANSFORMERS_OFFLINE=1`` are set for the
+    duration, each restored to its previous value (or removed) on exit.
+    huggingface_hub reads them once, when it is imported, into
+    ``huggingface_hub.constants.HF_HUB_OFFLINE``: that flag is set to True for
+    the duration too, and on exit gets back its previous value, or (when the
+    block imported huggingface_hub) the value the restored environment gives.
+    ``local_files_only=True`` on every call is the first guard; this one keeps
+    any other code path of transformers off the network. The environment is
+    process-wide: nested or concurrent blocks share one count under a lock,
+    and only the last to leave restores it.
+    """
+    global _offline_depth
+    with _offline_lock:
+        if _offline_depth == 0:
+            hub = sys.modules.get("huggingface_hub.constants")
+            _offline_saved.clear()
+            _offline_saved.update({k: os.environ.get(k) for k in _OFFLINE_VARS})
+            _offline_saved["hub"] = hub.HF_HUB_OFFLINE if hub is not None else None
+            for k in _OFFLINE_VARS:
+                os.environ[k] = "1"
+            if hub is not None:
+                hub.HF_HUB_OFFLINE = True
+        _offline_depth += 1
+    try:
+        yield
+    finally:
+        with _offline_lock:
+            _offline_depth -= 1
+            if _offline_depth == 0:
+                for k in _OFFLINE_VARS:
+                    if _offline_saved[k] is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = _offline_saved[k]
+                hub = sys.modules.get("huggingface_hub.constants")
+                if hub is not None:
+                    before = _offline_saved["hub"]
+                    if before is None:  # imported inside the block: what importing it now would read
+                        env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+                        before = (env or "").upper() in {"1", "ON", "YES", "TRUE"}
+                    hub.HF_HUB_OFFLINE = before
+
+
 def _transformers() -> Any:
-    # huggingface_hub reads HF_HUB_OFFLINE when it is imported: set it first, so nothing can reach the network
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    """``import transformers`` (inside :func:`_hf_offline`), with huggingface_hub in offline mode."""
     try:
         import transformers
     except ImportError as exc:
@@ -667,8 +721,9 @@ def _base_for(source: LoadedModel, like: nn.Module) -> nn.Module | None:
     """A fresh build of the original model (on the meta device: only structure is needed), cast like ``like``."""
     def build(device: str | None) -> nn.Module:
         if source.kind == "hf":
-            cls, _, transformers = _hf_class(source.path)
-            return _hf_base(source.path, cls, transformers, device=device)
+            with _hf_offline():
+                cls, _, transformers = _hf_class(source.path)
+                return _hf_base(source.path, cls, transformers, device=device)
         assert source.arch is not None
         return build_arch(source.arch, device=device)
 

@@ -501,3 +501,35 @@ def test_check_output_path_is_the_one_rule(tmp_path: Path) -> None:
                 check_output_path(locked / "m.safetensors", model, flag="-o")
         finally:
             locked.chmod(0o700)
+
+
+def test_hugging_face_offline_mode_only_while_a_folder_is_read(tmp_path: Path, monkeypatch) -> None:
+    """Loading a Hugging Face folder runs offline, then leaves the caller's environment as it found it."""
+    import huggingface_hub.constants as hub
+
+    from normfold.io import _hf_offline
+
+    _tiny_bert(tmp_path / "bert")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    seen = {}
+    real_hf_class = nf.io._hf_class
+
+    def spy(p):
+        seen.update(env=(os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE")),
+                    hub=hub.HF_HUB_OFFLINE)
+        return real_hf_class(p)
+
+    monkeypatch.setattr(nf.io, "_hf_class", spy)
+    loaded = load_model(tmp_path / "bert")
+    assert seen == {"env": ("1", "1"), "hub": True}  # offline while the folder is read
+    assert os.environ["HF_HUB_OFFLINE"] == "0" and "TRANSFORMERS_OFFLINE" not in os.environ
+    assert hub.HF_HUB_OFFLINE is False
+    # saving rebuilds the base from the folder (offline too) and restores again; nested blocks restore once
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "no")
+    with _hf_offline():
+        save_model(loaded.module, tmp_path / "copy", source=loaded)
+        assert os.environ["TRANSFORMERS_OFFLINE"] == "1"
+    assert os.environ["TRANSFORMERS_OFFLINE"] == "no" and os.environ["HF_HUB_OFFLINE"] == "0"
+    assert hub.HF_HUB_OFFLINE is False
