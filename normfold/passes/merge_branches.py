@@ -861,19 +861,15 @@ class _MergeRun:
         return sorted(found, key=lambda p: (-(p.count(".") + 1) if p else 0, p))
 
     def _worth_tracing(self, m: nn.Module) -> bool:
+        """A module that may hold a region: not a leaf, and a conv, avg-pool or BatchNorm inside
+        (one is enough: ``x + conv(x)``)."""
         if not any(True for _ in m.children()):
             return False
         leaves = self._tracer_args[0]
         if is_leaf_type(m) or is_batchnorm(m) or (leaves and isinstance(m, leaves)):
             return False
-        linear = 0
-        for sub in m.modules():
-            if isinstance(sub, (nn.modules.conv._ConvNd, nn.modules.pooling._AvgPoolNd)) or is_batchnorm(sub):
-                linear += 1
-                if linear >= 2:
-                    return True
-        # one linear module can still merge with an identity or a scale (x + conv(x))
-        return linear >= 1
+        return any(isinstance(sub, (nn.modules.conv._ConvNd, nn.modules.pooling._AvgPoolNd)) or is_batchnorm(sub)
+                   for sub in m.modules())
 
     def _record_input_channels(self, module: nn.Module) -> dict[str, list[tuple[int, torch.dtype, torch.device] | None]]:
         """(channels, dtype, device) of each module's positional inputs in one forward of ``example_inputs``."""
