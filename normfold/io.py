@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -371,29 +372,62 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] 
     return state, recipe
 
 
+_INIT_NAMES = tuple(n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")
+                    and callable(getattr(torch.nn.init, n)))
+# torch.nn.init's functions are module globals, shared by every thread: the lock guards installing and removing
+# normfold's wrappers (two loads saving each other's wrappers as "the originals" would leave init disabled for
+# good), and a thread-local depth makes the wrappers skip only in the thread that is loading; any other thread
+# building a model meanwhile gets its usual random initialization.
+_init_lock = threading.Lock()
+_init_users = 0  # open _skip_init blocks, all threads
+_init_saved: dict[str, Callable[..., Any]] = {}
+_init_wrappers: dict[str, Callable[..., Any]] = {}
+_init_local = threading.local()
+
+
+def _init_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def init(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(_init_local, "depth", 0):
+            return tensor
+        return original(tensor, *args, **kwargs)
+    return init
+
+
 @contextlib.contextmanager
 def _skip_init() -> Iterator[None]:
-    """Make torch.nn.init's in-place initializers no-ops while a model is built for a strict load.
+    """Make torch.nn.init's in-place initializers no-ops, in this thread, while a model is built for a strict load.
 
     The random initialization of a model whose every parameter and persistent
     buffer is then overwritten is wasted time (1.2 s of resnet50's 1.3 s
     build). This is what transformers' ``no_init_weights`` does too; buffers
-    a module computes itself (``arange``, ``inv_freq``) are not touched.
+    a module computes itself (``arange``, ``inv_freq``) are not touched. The
+    wrappers are installed while any thread is inside a block and call the
+    original functions in every other thread (see the lock's comment); a
+    wrapper left behind by someone else's save/restore only delegates.
     """
-    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")
-             and callable(getattr(torch.nn.init, n))]
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-
-    def keep(tensor: Any, *args: Any, **kwargs: Any) -> Any:
-        return tensor
-
+    global _init_users
+    with _init_lock:
+        if _init_users == 0:
+            _init_saved.clear()
+            _init_wrappers.clear()
+            for n in _INIT_NAMES:
+                _init_saved[n] = getattr(torch.nn.init, n)
+                _init_wrappers[n] = _init_wrapper(_init_saved[n])
+                setattr(torch.nn.init, n, _init_wrappers[n])
+        _init_users += 1
+    depth = getattr(_init_local, "depth", 0)
+    _init_local.depth = depth + 1
     try:
-        for n in names:
-            setattr(torch.nn.init, n, keep)
         yield
     finally:
-        for n, f in saved.items():
-            setattr(torch.nn.init, n, f)
+        _init_local.depth = depth
+        with _init_lock:
+            _init_users -= 1
+            if _init_users == 0:
+                for n, original in _init_saved.items():
+                    if getattr(torch.nn.init, n) is _init_wrappers[n]:  # someone else's patch stays theirs
+                        setattr(torch.nn.init, n, original)
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], p: Path, what: str) -> None:

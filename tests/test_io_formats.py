@@ -533,3 +533,38 @@ def test_hugging_face_offline_mode_only_while_a_folder_is_read(tmp_path: Path, m
         assert os.environ["TRANSFORMERS_OFFLINE"] == "1"
     assert os.environ["TRANSFORMERS_OFFLINE"] == "no" and os.environ["HF_HUB_OFFLINE"] == "0"
     assert hub.HF_HUB_OFFLINE is False
+
+
+def test_skipping_init_during_a_load_is_per_thread() -> None:
+    """While one thread builds a model for a strict load (init skipped), another thread's init still runs."""
+    import threading
+
+    from normfold.io import _skip_init
+
+    originals = {n: getattr(torch.nn.init, n) for n in ("constant_", "kaiming_uniform_", "zeros_")}
+    inside, release, done = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def loader() -> None:
+        with _skip_init():
+            seen["skipped"] = torch.nn.init.constant_(torch.zeros(3), 5.0).sum().item()
+            inside.set()
+            release.wait(10)
+        done.set()
+
+    t = threading.Thread(target=loader)
+    t.start()
+    assert inside.wait(10)
+    try:
+        # this thread is not loading: its init runs while the other thread skips
+        assert torch.nn.init.constant_(torch.zeros(3), 2.0).sum().item() == 6.0
+        with _skip_init():  # overlapping blocks: the first to leave does not restore under the other
+            release.set()
+            assert done.wait(10)
+            assert torch.nn.init.constant_(torch.zeros(3), 2.0).sum().item() == 0.0
+        assert torch.nn.init.constant_(torch.zeros(3), 2.0).sum().item() == 6.0
+    finally:
+        release.set()
+        t.join(10)
+    assert seen["skipped"] == 0.0
+    assert all(getattr(torch.nn.init, n) is f for n, f in originals.items())  # the originals are back
