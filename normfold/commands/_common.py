@@ -23,7 +23,7 @@ from normfold.errors import InputError
 from normfold.inputs import infer_input_shapes, model_dtype_device, parse_shape, random_inputs, run_model
 from normfold.io import LoadedModel, default_output_path, load_model, save_model
 from normfold.passes.base import PassResult, copy_module
-from normfold.tolerances import Tolerance
+from normfold.tolerances import POLICY, Tolerance
 from normfold.verify import Verification
 from normfold.verify import verify as nf_verify
 
@@ -193,7 +193,8 @@ def print_skips(console: Console, skipped: list) -> None:
 
 def print_comparison(console: Console, v: Verification) -> None:
     """One row per output: its error, the rule it was held to and the margin (``normfold.verify``'s verdict)."""
-    title = "outputs vs the original" + ("" if v.tolerance is None else f" ({v.tolerance.describe()}, given)")
+    given = v.tolerance is not None and v.tolerance not in POLICY.values()  # the policy passed explicitly is no choice
+    title = "outputs vs the original" + (f" ({v.tolerance.describe()}, given)" if given else "")
     t = Table(title=title, title_justify="left")
     for col in ("output", "shape", "dtype", "verdict", "ok"):
         t.add_column(col)
