@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import warnings
 from typing import Sequence
@@ -67,15 +68,62 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {head[:300]}" if head else type(exc).__name__
 
 
+def _stdout_closed() -> bool:
+    """Is stdout a pipe whose reader has gone? (Linux and macOS flag its write end with POLLERR.)"""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() here, or stdout is not a file (a test's capture)
+        return False
+
+
+def _stdout_gone() -> int:
+    """End quietly after stdout's reader closed the pipe (``normfold ... | head``).
+
+    Python's recommended handling (the ``signal`` module's "Note on
+    SIGPIPE"): point stdout's descriptor at /dev/null, so the interpreter's
+    last flush does not raise again, and exit non-zero: 141, which is 128 +
+    SIGPIPE, the code a shell shows for any other program a closed pipe ends,
+    and distinct from a failed check (1). Nothing is printed: the reader
+    asked for no more.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):
+        pass
+    return 141
+
+
+def _is_closed_stdout(exc: BaseException) -> bool:
+    from normfold.commands._common import StdoutClosed
+
+    return isinstance(exc, StdoutClosed) or (isinstance(exc, BrokenPipeError) and _stdout_closed())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``normfold`` console script; returns the exit code.
 
     Every way a command can end maps to one line and one code: 0 success,
     1 a failed check or an unexpected error, 2 unusable input (any
     NormfoldError, and model code calling ``sys.exit`` while it is loaded),
-    130 interrupted (Ctrl-C). Nothing is left to end the process with a
-    traceback or a silent exit 0; ``-v`` prints the traceback as well.
+    130 interrupted (Ctrl-C), 141 stdout closed by its reader (``| head``:
+    no line, see :func:`_stdout_gone`). Nothing is left to end the process
+    with a traceback or a silent exit 0; ``-v`` prints the traceback as well.
     """
+    try:
+        return _main(argv)
+    except BrokenPipeError as exc:  # --help or the usage text into a closed pipe
+        if _is_closed_stdout(exc):
+            return _stdout_gone()
+        raise
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         parser, commands = build_parser()
     except KeyboardInterrupt:
@@ -109,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 warnings.simplefilter("ignore")
             return int(commands[args.command].run(args, console))
     except (KeyboardInterrupt, Exception) as exc:
+        if _is_closed_stdout(exc):
+            return _stdout_gone()
         traceback_if_verbose()
         if isinstance(exc, KeyboardInterrupt) or interrupted_by(exc):  # a tracer may wrap Ctrl-C in its own error
             print(f"{prefix}: interrupted", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import logging
 import warnings
@@ -42,14 +43,28 @@ class Command:
         raise NotImplementedError
 
 
+class StdoutClosed(BrokenPipeError):
+    """stdout's reader went away (``normfold ... | head``): not an error of the command, nothing more to show."""
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich's default raises SystemExit(1), which the CLI could not tell from model code calling sys.exit
+        self.quiet = True
+        raise StdoutClosed(errno.EPIPE, "stdout was closed by its reader")
+
+
 def make_console(*, quiet: bool = False) -> Console:
     """The console commands print to (nothing but the final line when ``quiet``)."""
-    return Console(quiet=quiet, highlight=False, soft_wrap=True)
+    return _Console(quiet=quiet, highlight=False, soft_wrap=True)
 
 
 def final_line(text: str) -> None:
     """The one line every command ends with; printed even with -q."""
-    print(text, flush=True)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError as exc:
+        raise StdoutClosed(errno.EPIPE, "stdout was closed by its reader") from exc
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, inputs: bool = True) -> None:
