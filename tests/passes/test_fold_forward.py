@@ -633,3 +633,59 @@ def test_untraceable_model_folds_through_torch_export() -> None:
     assert type(r.module) is ShapeBranching and isinstance(r.module.bn, nn.Identity)
     assert_models_close(r.module, m, (x,))
     assert run_counting(r.module, (x,))[1] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the engine decides on structure before it computes a shape (issue 10)
+
+
+class DenseLike(nn.Module):
+    """DenseNet's pattern: features shared by later layers, cat -> BN -> ReLU -> conv, beside a plain conv -> BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.stem_bn = nn.BatchNorm2d(4)
+        self.c1 = nn.Conv2d(4, 4, 1)
+        self.norm = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.c2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f0 = self.stem_bn(self.stem(x))
+        f1 = self.c1(f0)
+        return self.c2(self.relu(self.norm(torch.cat([f0, f1], 1)))) + f0
+
+
+def test_blocked_batchnorms_are_refused_without_a_shape_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    import normfold.graph as graph
+
+    def no_shapes(*a, **k):
+        raise AssertionError("a shape pass ran for BatchNorms that structure alone rules out")
+
+    monkeypatch.setattr(graph, "_propagate_shapes", no_shapes)
+    m = randomize_bn_stats(DenseLike(), 3).eval()
+    x = _x(2, 3, 6, 6)
+    r = fold(m, x)
+    assert [c.paths for c in r.changes] == [("stem_bn", "stem")]
+    reason = reason_of(r, "norm")
+    assert "output has 3 users" in reason and "forward: an activation (ReLU, relu) reads it" in reason, reason
+    monkeypatch.undo()
+    assert_models_close(r.module, m, (x,))
+
+
+def test_refusals_are_typed_and_name_the_blocking_node() -> None:
+    from normfold.graph import build_graph
+    from normfold.passes.fold.flow import walk_backward, walk_forward
+    from normfold.passes.fold.fx_reader import ModuleReader
+    from normfold.passes.fold.refusal import Refusal
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.BatchNorm2d(4), nn.GELU(), nn.Conv2d(4, 2, 1)).eval()
+    graph = build_graph(m, (_x(1, 3, 4, 4),), shapes=False)
+    reader = ModuleReader(m, graph)
+    bn = next(n for n in graph.fx_graph.nodes if n.op == "call_module" and n.target == "2")
+    back = walk_backward(reader, bn, bn.args[0], 4)
+    assert isinstance(back, Refusal) and back.node.target == "1"
+    assert back.reason == "an activation (ReLU) sits between 0 (Conv2d) and the BatchNorm"
+    fwd = walk_forward(reader, bn, lambda: pytest.fail("the index was computed before the blocker was seen"))
+    assert isinstance(fwd, Refusal) and fwd.node.target == "3" and "an activation (GELU, 3)" in fwd.reason
