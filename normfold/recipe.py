@@ -14,7 +14,9 @@ writing its own record. For every module path of the rewritten tree:
 
 * ``replace``: the module's class differs from the fresh build's (or the path
   is new). The record holds the class (``module.qualname``), its plain
-  attributes (numbers, strings, booleans, tuples, dtypes), its parameter and
+  attributes (numbers, strings, booleans, tuples, dtypes, classes and
+  functions from the allow-list below and ``functools.partial`` of them with
+  such arguments, e.g. ``partial(nn.LayerNorm, eps=1e-6)``), its parameter and
   buffer tables (name -> shape, dtype) and its children's order. Replay makes
   the object with ``cls.__new__`` + ``nn.Module.__init__`` and sets that
   state: no constructor and no code from the file runs.
@@ -31,6 +33,7 @@ a pickled module instead (``--pickle``).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from typing import Any, Iterable
@@ -75,6 +78,14 @@ def _encode(value: Any, where: str, allowed: Iterable[str] = (), factory_module:
         return {"__dtype__": str(value).removeprefix("torch.")}
     if isinstance(value, torch.Size):
         return {"__tuple__": [int(v) for v in value]}
+    # functools.partial(cls, eps=1e-6) (torchvision's ViT keeps its norm_layer so): the callable by name from the
+    # allow-list below, its arguments as values; replay only rebuilds the partial object, it calls nothing
+    if type(value) is functools.partial:
+        return {"__partial__": {
+            "func": _encode(value.func, f"{where}.func", allowed, factory_module),
+            "args": [_encode(v, f"{where}.args[{i}]", allowed, factory_module) for i, v in enumerate(value.args)],
+            "keywords": {k: _encode(v, f"{where}.keywords[{k!r}]", allowed, factory_module)
+                         for k, v in value.keywords.items()}}}
     # a class or function by name (ResNet keeps its norm layer class, blocks keep an activation function):
     # rebuilt by import from the same allow-list as module classes
     module_name = getattr(value, "__module__", None)
@@ -96,6 +107,19 @@ def _decode(value: Any, allowed: set[str], factory_module: str | None) -> Any:
             return {str(k): _decode(v, allowed, factory_module) for k, v in value["__dict__"].items()}
         if "__object__" in value:
             return _import_allowed(str(value["__object__"]), allowed, factory_module)
+        if "__partial__" in value:
+            spec = value["__partial__"]
+            if not (isinstance(spec, dict) and isinstance(spec.get("args", []), list)
+                    and isinstance(spec.get("keywords", {}), dict)):
+                raise ModelLoadError(f"recipe holds a malformed partial {value!r}; the file is damaged")
+            func = _decode(spec.get("func"), allowed, factory_module)
+            if not (isinstance(spec.get("func"), dict) and ("__object__" in spec["func"] or "__partial__" in spec["func"])
+                    and callable(func)):
+                raise ModelLoadError(f"recipe holds a partial of {spec.get('func')!r}, not of an allowed class or "
+                                     "function; the file is damaged")
+            return functools.partial(func, *[_decode(v, allowed, factory_module) for v in spec.get("args", [])],
+                                     **{str(k): _decode(v, allowed, factory_module)
+                                        for k, v in spec.get("keywords", {}).items()})
         if "__dtype__" in value:
             dt = getattr(torch, str(value["__dtype__"]), None)
             if not isinstance(dt, torch.dtype):
@@ -140,6 +164,9 @@ def _same(a: Any, b: Any) -> bool:
         return True
     if type(a) is not type(b):
         return False
+    if type(a) is functools.partial:  # partial has no ==: two builds of a model hold equal, distinct partials
+        return _same(a.func, b.func) and len(a.args) == len(b.args) and all(map(_same, a.args, b.args)) \
+            and a.keywords.keys() == b.keywords.keys() and all(_same(v, b.keywords[k]) for k, v in a.keywords.items())
     try:
         return bool(a == b)
     except Exception:  # tensors and other values without a plain ==: different unless the same object

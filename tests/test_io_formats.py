@@ -22,7 +22,7 @@ from torch import nn
 
 import normfold as nf
 from normfold.errors import ModelLoadError, UsageError
-from normfold.io import arch_module, check_output_path, default_output_path, load_model, parse_arch, save_model
+from normfold.io import arch_module, build_arch, check_output_path, default_output_path, load_model, parse_arch, save_model
 from normfold.recipe import RecipeError
 from tests.commands._cli import run_cli
 from tests.conftest import randomize_bn_stats, run_eval
@@ -568,3 +568,53 @@ def test_skipping_init_during_a_load_is_per_thread() -> None:
         t.join(10)
     assert seen["skipped"] == 0.0
     assert all(getattr(torch.nn.init, n) is f for n, f in originals.items())  # the originals are back
+
+
+def test_a_partial_of_an_allowed_class_is_recorded_and_replayed(demo, tmp_path: Path) -> None:
+    """functools.partial(nn.LayerNorm, eps=1e-6): the class by name from the allow-list, literal arguments."""
+    import functools
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path, _ = demo
+    loaded = load_model(path, arch=DEMO)
+    model = loaded.module
+    model.fc = nn.Sequential(nn.Linear(32, 64))  # a replaced module: all its attributes are recorded
+    model.fc.norm_layer = functools.partial(nn.LayerNorm, (64,), eps=1e-6, dtype=torch.float64)
+    out = save_model(model, tmp_path / "p.safetensors", source=loaded)
+    again = nf.load(out, arch=DEMO)
+    p = again.fc.norm_layer
+    assert type(p) is functools.partial and p.func is nn.LayerNorm
+    assert p.args == ((64,),) and p.keywords == {"eps": 1e-6, "dtype": torch.float64}
+    _same(again, model)
+    # a partial of anything outside the allow-list is refused, as the callable alone would be
+    model.fc.norm_layer = functools.partial(os.path.join, "a")
+    with pytest.raises(RecipeError, match="--pickle"):
+        save_model(model, tmp_path / "q.safetensors", source=loaded)
+    # a tampered file: the partial's callable goes through the same allow-list, and must be named as one
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for func, message in (({"__object__": "os:system"}, "refusing to import"), ("os:system", "not of an allowed")):
+        recipe = json.loads(meta["normfold_recipe"])
+        edit = next(e for e in recipe["edits"] if e["path"] == "fc")
+        edit["attrs"]["norm_layer"]["__partial__"]["func"] = func
+        bad = tmp_path / "bad.safetensors"
+        save_file(tensors, str(bad), metadata={**meta, "normfold_recipe": json.dumps(recipe)})
+        with pytest.raises(ModelLoadError, match=message):
+            nf.load(bad, arch=DEMO)
+
+
+def test_torchvision_vit_converted_to_rmsnorm_saves_without_pickle(tmp_path: Path) -> None:
+    """torchvision's ViT keeps ``norm_layer = partial(nn.LayerNorm, eps=1e-6)``: a safe file records it."""
+    arch = "tests.test_readme_examples:tiny_vit"
+    src = tmp_path / "vit.pt"
+    torch.save(build_arch(arch).state_dict(), src)
+    loaded = load_model(src, arch=arch)
+    x = (torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)),)
+    result = nf.layernorm_to_rmsnorm(loaded.module, mode="auto", example_inputs=x)
+    out = save_model(result.module, tmp_path / "vit.rmsnorm.safetensors", source=loaded)
+    again = nf.load(out, arch=arch)
+    assert not any(isinstance(m, nn.LayerNorm) for m in again.modules())
+    _same(again, result.module, x)
