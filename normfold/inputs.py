@@ -15,7 +15,7 @@ from torch import nn
 
 from normfold.errors import InputError, UsageError
 
-__all__ = ["parse_shape", "random_inputs", "infer_input_shapes", "InferredInputs", "run_model"]
+__all__ = ["parse_shape", "random_inputs", "infer_input_shapes", "InferredInputs", "run_model", "hf_example_inputs"]
 
 #: mean and standard deviation of seeded random inputs
 INPUT_MEAN = 0.5
@@ -120,3 +120,70 @@ def infer_input_shapes(model: nn.Module, *, batch: int = 2) -> InferredInputs:
         f"cannot infer an input shape from the first layer ({name}: {type(m).__name__}; tried "
         f"{', '.join(errors)}); pass --input-shape"
     )
+
+
+#: the main keyword input of a Hugging Face model, by what it reads: audio features, images, token ids
+_HF_MAIN_INPUTS = ("input_features", "pixel_values", "input_ids")
+
+
+def hf_example_inputs(model: nn.Module, shape: Sequence[int] | None = None, *, seed: int = 0
+                      ) -> tuple[dict[str, torch.Tensor], str]:
+    """Seeded keyword inputs for a Hugging Face model, built from its config: (inputs, what they are).
+
+    The model's ``forward`` decides which input it reads first of ``input_features`` (Whisper-like
+    audio: ``(batch, num_mel_bins, 2 * max_source_positions)``), ``pixel_values`` (images:
+    ``(batch, num_channels, image_size, image_size)``) and ``input_ids`` (token ids drawn uniformly
+    from ``[0, vocab_size)``, shape ``(batch, sequence)``, default ``(2, 16)``); ``shape`` replaces
+    that default shape. Token ids come with an ``attention_mask`` of ones when forward takes one, and
+    an encoder-decoder model (forward takes ``decoder_input_ids``) gets ``batch x 4`` decoder token ids.
+    Float inputs are ``N(INPUT_MEAN, INPUT_STD^2)`` in the model's dtype.
+    """
+    import inspect
+
+    config = getattr(model, "config", None)
+    params = inspect.signature(type(model).forward).parameters
+    main = next((k for k in _HF_MAIN_INPUTS if k in params), None)
+    if config is None or main is None:
+        raise InputError(f"{type(model).__name__}.forward takes none of {', '.join(_HF_MAIN_INPUTS)}; pass the "
+                         "inputs as a file (check --inputs) or convert it from Python with example_inputs")
+    dtype, device = model_dtype_device(model)
+    text_config = getattr(config, "text_config", None) or getattr(config, "decoder", None) or config
+    vocab = getattr(config, "vocab_size", None) or getattr(text_config, "vocab_size", None)
+    g_seed = seed
+    out: dict[str, torch.Tensor] = {}
+
+    def need(name: str, value: Any) -> Any:
+        if value is None:
+            raise InputError(f"{type(model).__name__}'s config has no {name}; pass --input-shape")
+        return value
+
+    if main == "input_ids":
+        s = tuple(shape) if shape else (2, 16)
+        if len(s) != 2:
+            raise UsageError(f"--input-shape {','.join(map(str, s))}: token ids are batch,sequence (like 2,16)")
+        out["input_ids"] = random_inputs([s], seed=g_seed, device=device, integer_high=int(need("vocab_size", vocab)))[0]
+        what = f"token ids {s[0]}x{s[1]} in [0, {vocab})"
+        if "attention_mask" in params:
+            out["attention_mask"] = torch.ones(s, dtype=torch.long, device=device)
+            what += " with an attention mask of ones"
+    else:
+        if main == "pixel_values":
+            vision = getattr(config, "vision_config", None) or config
+            size = need("image_size", getattr(vision, "image_size", None))
+            size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+            default = (2, int(getattr(vision, "num_channels", 3)), *map(int, size))
+        else:
+            default = (2, int(need("num_mel_bins", getattr(config, "num_mel_bins", None))),
+                       2 * int(need("max_source_positions", getattr(config, "max_source_positions", None))))
+        s = tuple(shape) if shape else default
+        if len(s) != len(default):
+            raise UsageError(f"--input-shape {','.join(map(str, s))}: {main} has {len(default)} dimensions, "
+                             f"like {','.join(map(str, default))}")
+        out[main] = random_inputs([s], seed=g_seed, dtype=dtype, device=device)[0]
+        what = f"{main} {'x'.join(map(str, s))}"
+    if "decoder_input_ids" in params and main != "input_ids":
+        d = (out[main].shape[0], 4)
+        out["decoder_input_ids"] = random_inputs([d], seed=g_seed + 1, device=device,
+                                                 integer_high=int(need("vocab_size", vocab)))[0]
+        what += f", decoder token ids {d[0]}x{d[1]}"
+    return out, what

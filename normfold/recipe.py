@@ -150,8 +150,14 @@ def _qualname(obj: Any, factory_module: str | None = None) -> str:
     return f"{module}:{obj.__qualname__}"
 
 
+#: what transformers' from_pretrained leaves on a model about how its checkpoint was read (key renamings), absent
+#: from the ``cls(config)`` a recipe is replayed on: bookkeeping of that one load, not part of the model
+_LOAD_BOOKKEEPING = frozenset({"_weight_conversions"})
+
+
 def _raw_attrs(module: nn.Module) -> dict[str, Any]:
-    return {k: v for k, v in vars(module).items() if k not in _MODULE_INTERNALS and not k.startswith("__")}
+    return {k: v for k, v in vars(module).items()
+            if k not in _MODULE_INTERNALS and k not in _LOAD_BOOKKEEPING and not k.startswith("__")}
 
 
 def _plain_attrs(module: nn.Module, path: str, allowed: Iterable[str], factory_module: str | None) -> dict[str, Any]:

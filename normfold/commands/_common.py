@@ -20,8 +20,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from normfold.errors import InputError
-from normfold.inputs import infer_input_shapes, model_dtype_device, parse_shape, random_inputs, run_model
+from normfold.errors import InputError, UsageError
+from normfold.hf import is_hf_model, traceable
+from normfold.inputs import hf_example_inputs, infer_input_shapes, model_dtype_device, parse_shape, random_inputs, run_model
 from normfold.io import LoadedModel, default_output_path, load_model, save_model
 from normfold.passes.base import PassResult, copy_module
 from normfold.tolerances import POLICY, Tolerance
@@ -29,7 +30,7 @@ from normfold.verify import Verification
 from normfold.verify import verify as nf_verify
 
 __all__ = ["Command", "make_console", "add_model_arguments", "add_output_argument", "load_from_args",
-           "resolve_inputs", "verify", "print_pass_result", "print_comparison", "write_model", "final_line",
+           "resolve_inputs", "keyword_calls", "verify", "print_pass_result", "print_comparison", "write_model", "final_line",
            "Verification"]
 
 
@@ -139,11 +140,34 @@ def add_safety_arguments(p: argparse.ArgumentParser, *, noop: bool = True) -> No
                             "CI step that folds nothing does not pass)")
 
 
-def resolve_inputs(args: argparse.Namespace, model: nn.Module, console: Console) -> tuple[torch.Tensor, ...]:
-    """Seeded inputs from --input-shape, or from a shape inferred from the first layer (said on one line)."""
+def resolve_inputs(args: argparse.Namespace, model: nn.Module, console: Console, *, keywords: bool = False
+                   ) -> Any:
+    """Seeded inputs from --input-shape, or from a shape inferred from the first layer (said on one line).
+
+    With ``keywords``, a Hugging Face model gets the keyword inputs its config describes
+    (:func:`normfold.inputs.hf_example_inputs`; --input-shape gives their shape) as a dict: run the
+    model on them inside :func:`keyword_calls`.
+    """
     from normfold.pipeline import DEFAULT_MAX_INPUT_BYTES, check_input_size
 
     dtype, device = model_dtype_device(model)
+    if keywords and is_hf_model(model):
+        shape = parse_shape(args.input_shape[0]) if args.input_shape else None
+        if args.input_shape and len(args.input_shape) > 1:
+            raise UsageError("a Hugging Face model takes one --input-shape (batch,sequence for token ids, the "
+                             "pixel_values or input_features shape otherwise)")
+        if shape:
+            check_input_size([shape], dtype, limit=getattr(args, "max_input_bytes", DEFAULT_MAX_INPUT_BYTES))
+        kw, what = hf_example_inputs(model, shape, seed=args.seed)
+        try:
+            with keyword_calls(kw, model) as values:
+                run_model(model, values)
+        except Exception as exc:
+            head = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise InputError(f"inputs {what} do not fit {type(model).__name__} ({type(exc).__name__}: {head}); "
+                             "pass --input-shape") from exc
+        console.print(f"[dim]inputs from the model's config: {what} (pass --input-shape to choose)[/dim]")
+        return kw
     if args.input_shape:
         shapes = [parse_shape(s) for s in args.input_shape]
         check_input_size(shapes, dtype, limit=getattr(args, "max_input_bytes", DEFAULT_MAX_INPUT_BYTES))
@@ -173,6 +197,23 @@ def resolve_inputs(args: argparse.Namespace, model: nn.Module, console: Console)
                            integer_high=inferred.integer_high)
     args.example_inputs = inputs  # for writing a .pt2 (-o x.pt2 re-exports with them)
     return inputs
+
+
+@contextlib.contextmanager
+def keyword_calls(inputs: Any, *models: nn.Module) -> Iterator[Any]:
+    """Within the block, each model takes ``inputs`` positionally: yields the positional inputs.
+
+    Keyword (dict) inputs put every model in :func:`normfold.hf.traceable` (forward takes the dict's
+    values in order, caches off, a flat tuple of tensors out); other inputs pass through unchanged.
+    """
+    if not isinstance(inputs, dict):
+        yield inputs
+        return
+    with contextlib.ExitStack() as stack:
+        values = tuple(inputs.values())
+        for m in models:
+            values = stack.enter_context(traceable(m, inputs))
+        yield values
 
 
 def verify(reference: nn.Module, candidate: nn.Module, inputs: Sequence[torch.Tensor],

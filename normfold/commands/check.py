@@ -31,7 +31,9 @@ from rich.console import Console
 import torch
 
 from normfold.commands._checking import add_check_arguments, check_report_paths, finish, run_check
-from normfold.commands._common import Command, add_model_arguments, add_safety_arguments, load_from_args
+from normfold.commands._common import (Command, add_model_arguments, add_safety_arguments, keyword_calls,
+                                       load_from_args, resolve_inputs)
+from normfold.hf import is_hf_model
 from normfold.errors import UsageError
 from normfold.io import check_output_path
 from normfold.inputs import parse_shape
@@ -96,6 +98,15 @@ class CheckCommand(Command):
                 raise UsageError(f"{args.model}: the program does not record its example inputs; pass --input-shape")
             report = run_check(args, console, loaded.module, candidate=candidate, onnx=args.onnx, inputs=like,
                                seed=args.seed, export=not args.no_export, opset=args.opset, save_onnx=args.save_onnx)
+            return finish(args, console, report)
+        if is_hf_model(loaded.module) and not args.inputs:
+            # the keyword inputs its config describes; both models (and the ONNX export) take them positionally
+            kw = resolve_inputs(args, loaded.module, console, keywords=True)
+            models = [m for m in (loaded.module, candidate) if isinstance(m, torch.nn.Module)]
+            with keyword_calls(kw, *models) as x:
+                report = run_check(args, console, loaded.module, candidate=candidate, onnx=args.onnx, inputs=x,
+                                   seed=args.seed, export=not args.no_export, opset=args.opset,
+                                   save_onnx=args.save_onnx)
             return finish(args, console, report)
         shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape else None
         report = run_check(args, console, loaded.module, candidate=candidate, onnx=args.onnx, inputs=args.inputs,

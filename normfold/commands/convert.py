@@ -30,7 +30,7 @@ from rich.table import Table
 from torch import nn
 
 from normfold.commands._common import (Command, add_model_arguments, add_output_argument, add_safety_arguments,
-                                       final_line, load_from_args, output_path, print_comparison,
+                                       final_line, keyword_calls, load_from_args, output_path, print_comparison,
                                        print_pass_result, resolve_inputs, verify, working_copy, write_model)
 from normfold.errors import UsageError
 from normfold.io import check_output_path
@@ -87,33 +87,36 @@ class ConvertCommand(Command):
         # a bad -o fails before the work
         check_output_path(output_path(args, loaded, step), [args.model, args.calibration_data], flag="-o", folder=True)
         original = loaded.module
-        inputs = resolve_inputs(args, original, console)
-        result, exact = self._convert(args, original, inputs, console)
-        print_pass_result(console, result, title=f"convert --to {step}", verbose=args.verbose)
-        n = converted_count(result)
-        others = len(result.changes) - n
-        edits = f", with {others} other edit(s) that make it so: centring, untying, folded scales" if others else ""
-        if n == 0 and not args.allow_noop:
-            final_line(f"FAILED: nothing converted to {step} (left {len(result.skipped)} alone; the reasons are "
-                       "listed above); nothing written; pass --allow-noop to accept")
-            return 1
-        outcome = RewriteOutcome(result=result, verification=verify(original, result.module, inputs,
-                                                                             tolerance_from_args(args)), exact=exact)
-        v = outcome.verification
-        if exact:
-            print_comparison(console, v)
-        else:
-            _print_error(console, v)
-        if not outcome.passed:
+        inputs = resolve_inputs(args, original, console, keywords=True)
+        model = working_copy(original)
+        # keyword inputs (a Hugging Face model): both models take them positionally until the comparison is done
+        with keyword_calls(inputs, original, model) as inputs:
+            result, exact = self._convert(args, original, model, inputs, console)
+            print_pass_result(console, result, title=f"convert --to {step}", verbose=args.verbose)
+            n = converted_count(result)
+            others = len(result.changes) - n
+            edits = f", with {others} other edit(s) that make it so: centring, untying, folded scales" if others else ""
+            if n == 0 and not args.allow_noop:
+                final_line(f"FAILED: nothing converted to {step} (left {len(result.skipped)} alone; the reasons are "
+                           "listed above); nothing written; pass --allow-noop to accept")
+                return 1
+            outcome = RewriteOutcome(result=result, verification=verify(original, result.module, inputs,
+                                                                                 tolerance_from_args(args)), exact=exact)
+            v = outcome.verification
             if exact:
-                final_line(f"FAILED: the converted model differs from the original (max abs error {v.max_abs:.3g}, "
-                           f"max rel error {v.max_rel:.3g}); nothing written")
+                print_comparison(console, v)
             else:
-                broken = outcome.broken_outputs()[0]
-                final_line(f"FAILED: the converted model's output {broken.name} is unusable ({broken.nan_count} NaN, "
-                           f"{broken.inf_count} Inf, shape {'x'.join(map(str, broken.candidate_shape))} for "
-                           f"{'x'.join(map(str, broken.reference_shape))}); nothing written")
-            return 1
+                _print_error(console, v)
+            if not outcome.passed:
+                if exact:
+                    final_line(f"FAILED: the converted model differs from the original (max abs error {v.max_abs:.3g}, "
+                               f"max rel error {v.max_rel:.3g}); nothing written")
+                else:
+                    broken = outcome.broken_outputs()[0]
+                    final_line(f"FAILED: the converted model's output {broken.name} is unusable ({broken.nan_count} NaN, "
+                               f"{broken.inf_count} Inf, shape {'x'.join(map(str, broken.candidate_shape))} for "
+                               f"{'x'.join(map(str, broken.reference_shape))}); nothing written")
+                return 1
         out = write_model(args, loaded, result.module, step)
         how = "exact" if exact else "approximate"
         final_line(f"converted {n} layer(s) to {step} ({how}{edits}), left {len(result.skipped)} alone; max abs "
@@ -142,10 +145,9 @@ class ConvertCommand(Command):
             raise UsageError("--sequential refines the warm start: pass --calibration-data PATH too")
 
     @staticmethod
-    def _convert(args: argparse.Namespace, original: nn.Module, inputs: tuple, console: Console
+    def _convert(args: argparse.Namespace, original: nn.Module, model: nn.Module, inputs: tuple, console: Console
                  ) -> tuple[PassResult, bool]:
-        """(result, whether the conversion is exact and must match the original)."""
-        model = working_copy(original)
+        """(result, whether the conversion of ``model``, a working copy of ``original``, is exact)."""
         if args.to == "groupnorm":
             from normfold.passes.batchnorm_to_groupnorm import batchnorm_to_groupnorm
 
