@@ -167,18 +167,19 @@ def hf_example_inputs(model: nn.Module, shape: Sequence[int] | None = None, *, s
             out["attention_mask"] = torch.ones(s, dtype=torch.long, device=device)
             what += " with an attention mask of ones"
     else:
-        if main == "pixel_values":
+        rank, like = (4, "2,3,224,224") if main == "pixel_values" else (3, "2,80,3000")
+        if shape:
+            s = tuple(shape)
+            if len(s) != rank:
+                raise UsageError(f"--input-shape {','.join(map(str, s))}: {main} has {rank} dimensions, like {like}")
+        elif main == "pixel_values":
             vision = getattr(config, "vision_config", None) or config
             size = need("image_size", getattr(vision, "image_size", None))
             size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-            default = (2, int(getattr(vision, "num_channels", 3)), *map(int, size))
+            s = (2, int(getattr(vision, "num_channels", 3)), *map(int, size))
         else:
-            default = (2, int(need("num_mel_bins", getattr(config, "num_mel_bins", None))),
-                       2 * int(need("max_source_positions", getattr(config, "max_source_positions", None))))
-        s = tuple(shape) if shape else default
-        if len(s) != len(default):
-            raise UsageError(f"--input-shape {','.join(map(str, s))}: {main} has {len(default)} dimensions, "
-                             f"like {','.join(map(str, default))}")
+            s = (2, int(need("num_mel_bins", getattr(config, "num_mel_bins", None))),
+                 2 * int(need("max_source_positions", getattr(config, "max_source_positions", None))))
         out[main] = random_inputs([s], seed=g_seed, dtype=dtype, device=device)[0]
         what = f"{main} {'x'.join(map(str, s))}"
     if "decoder_input_ids" in params and main != "input_ids":

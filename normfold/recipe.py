@@ -259,17 +259,38 @@ def derive_recipe(base: nn.Module, rewritten: nn.Module, *, factory_module: str 
     edits: list[dict[str, Any]] = []
     replaced: list[str] = []
     seen: dict[int, str] = {}
+    moved: list[tuple[str, str]] = []  # (path in rewritten, path in base) of the modules a wrapper now holds
+
+    def base_path(path: str) -> str:
+        for new, was in reversed(moved):  # innermost wrapper last
+            if path == new or path.startswith(new + "."):
+                return was + path[len(new):]
+        return path
+
     for path, module in rewritten.named_modules(remove_duplicate=False):
         if id(module) in seen:
             edits.append({"op": "alias", "path": path, "of": seen[id(module)]})
             continue
         seen[id(module)] = path
-        if _hook_count(module) and (path not in base_modules or _hook_count(module) > _hook_count(base_modules[path])):
+        was = base_path(path)
+        if _hook_count(module) and (was not in base_modules or _hook_count(module) > _hook_count(base_modules[was])):
             raise RecipeError(f"{path or '<model>'} carries hooks (weight_norm, spectral_norm or user hooks) that a "
                               "safe file cannot record; bake them first or write a pickled module (--pickle)")
         cls = type(module)
         inside_replaced = any(path.startswith(r + ".") or r == "" for r in replaced)
-        old = base_modules.get(path)
+        old = base_modules.get(was)
+        child_name = getattr(cls, "_normfold_wraps", None)
+        inner = module._modules.get(child_name) if isinstance(child_name, str) else None
+        if (not inside_replaced and old is not None and inner is not None and list(module._modules) == [child_name]
+                and not module._parameters and not module._buffers
+                and _class_name(type(old)) != _class_name(cls) and _class_name(type(inner)) == _class_name(type(old))):
+            # a normfold wrapper (a centring op) around the module that was here: record the wrapper alone; the
+            # wrapped module keeps being compared with the base's module at the old path
+            _check_allowed(cls, allowed, path)
+            edits.append({"op": "wrap", "path": path, "class": _qualname(cls, factory_module), "child": child_name,
+                          "attrs": _plain_attrs(module, path, allowed, factory_module)})
+            moved.append((f"{path}.{child_name}" if path else child_name, was))
+            continue
         # by name, not identity: torch.nn.utils.parametrize makes a new ParametrizedConv2d class per module
         if inside_replaced or old is None or _class_name(type(old)) != _class_name(cls):
             _check_allowed(cls, allowed, path)
@@ -399,6 +420,19 @@ def apply_recipe(base: nn.Module, recipe: dict[str, Any], *, factory_module: str
             for child in edit.get("children", []):
                 module._modules[child] = None
             module.training = bool(edit.get("training", True))
+            if path == "":
+                root = module
+            else:
+                parent, name = _parent(root, path)
+                parent._modules[name] = module
+        elif op == "wrap":
+            cls = _resolve_class(str(edit["class"]), allowed, factory_module)
+            inner = root.get_submodule(path) if path else root
+            module = cls.__new__(cls)
+            nn.Module.__init__(module)
+            _set_attrs(module, edit.get("attrs", {}), path, allowed, factory_module)
+            module._modules[str(edit["child"])] = inner
+            module.training = inner.training
             if path == "":
                 root = module
             else:

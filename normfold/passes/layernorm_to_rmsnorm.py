@@ -60,18 +60,17 @@ any parameter (a GELU conv stem as in Whisper's encoder, an embedding LayerNorm
 as in BLOOM, CLIP's ``pre_layrnorm``), no weight can centre it; normfold then
 inserts ``x - mean(x)`` over the hidden axis once, at that point, and every
 LayerNorm downstream becomes an exact RMSNorm. Where the start is a LayerNorm,
-the op goes into its replacement (:class:`CentredRMSNorm`); at another module, it
-is a forward hook (:class:`CentreOutput`) on it; at a functional start, a
-forward pre-hook (:class:`CentreInput`) on the first module the stream enters.
+the op goes into its replacement (:class:`CentredRMSNorm`); at another module, that
+module is wrapped in :class:`CentredOutput`; at a functional start, the first
+module the stream enters is wrapped in :class:`CentredInput`.
 It costs ``2 d`` FLOPs per token, what the centring part of
 one LayerNorm costs, and is reported as a ``centre_op`` change with that cost.
 The rule: at most one op per stream, and only when the stream feeds at least
 :data:`MIN_LAYERNORMS_PER_CENTRING_OP` (2) LayerNorm calls, each of which then
 saves its own mean and subtraction; otherwise the stream is converted
-approximately, with the reason. A hook lives on the module object (deep
-copies, ``torch.save`` of the module, torch.export and ONNX keep it), not in a
-``state_dict``; normfold's safe files refuse a model carrying one and ask for a
-pickled module, while :class:`CentredRMSNorm` is recorded like any module.
+approximately, with the reason. The op is always a module (never a hook), so
+normfold's safe files record and replay it like any module; a wrapped module's
+parameters move under ``<path>.module``.
 
 Hugging Face models are analysed as they come (:mod:`normfold.hf`): keyword
 ``example_inputs`` (a dict), caches off during the analysis and restored, the
@@ -110,8 +109,8 @@ from normfold.passes.base import Change, Pass, PassResult, Skip
 from normfold.passes.fold_batchnorm import producer_problem
 from normfold.tolerances import LAYERNORM_TO_RMSNORM, MEAN_FREE_RATIO, for_dtype
 
-__all__ = ["LayerNormToRMSNorm", "layernorm_to_rmsnorm", "RMSNormWithBias", "CentredRMSNorm", "CentreOutput",
-           "CentreInput", "MODES"]
+__all__ = ["LayerNormToRMSNorm", "layernorm_to_rmsnorm", "RMSNormWithBias", "CentredRMSNorm", "CentredOutput",
+           "CentredInput", "MODES"]
 
 log = logging.getLogger(__name__)
 
@@ -159,45 +158,70 @@ class CentredRMSNorm(RMSNormWithBias):
         return y - y.mean(dim=-1, keepdim=True)
 
 
-class CentreOutput:
-    """Forward hook ``y -> y - mean(y, dim)``: the one explicit centring op, on a module's output.
+class _Centred(nn.Module):
+    """A module wrapping ``self.module``; its paths stay reachable: ``get_submodule("a.b")`` finds ``a.module.b``.
+
+    The pass reports and measures layers by the paths they had before the wrapping (``blocks.0.ln1``),
+    so an attribute the wrapper lacks is looked up on the wrapped module.
+    """
+
+    _normfold_wraps = "module"  # normfold.recipe records a wrapper around a module as a "wrap" edit
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("module")
+            if inner is None or name == "module":
+                raise
+            return getattr(inner, name)
+
+
+class CentredOutput(_Centred):
+    """``y - mean(y, dim)`` for ``y = module(...)``: the one explicit centring op, on a module's output.
 
     Inserted where a residual stream starts at a non-linear map (an embedding LayerNorm, CLIP's
     ``pre_layrnorm``): no parameter can make that output mean-free, this op does, so every LayerNorm
     downstream becomes an exact RMSNorm. Cost: ``2 d`` FLOPs per token (a mean and a subtraction).
+    A module wrapping the original (its parameters move under ``<path>.module``), not a hook, so that
+    normfold's safe files record it like any module.
     """
 
-    def __init__(self, dim: int) -> None:
-        self.dim = dim
+    def __init__(self, module: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.module, self.dim = module, dim
 
-    def __call__(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        return out - out.mean(dim=self.dim, keepdim=True)
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = self.module(*args, **kwargs)
+        return y - y.mean(dim=self.dim, keepdim=True)
 
-    def __repr__(self) -> str:
-        return f"CentreOutput(dim={self.dim})"
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
 
 
-class CentreInput:
-    """Forward pre-hook ``x -> x - mean(x, dim)`` on one input of a module (positional index or keyword).
+class CentredInput(_Centred):
+    """``module(..., x - mean(x, dim), ...)``: ``module`` called with one input centred (positional index or keyword).
 
     The centring op for a stream that starts at a functional non-linearity (Whisper's GELU conv stem):
-    it goes where that stream enters the first block, the nearest module boundary.
+    it goes where that stream enters the first block, the nearest module boundary. A module wrapping
+    that block (its parameters move under ``<path>.module``), not a pre-hook, so that normfold's safe
+    files record it like any module.
     """
 
-    def __init__(self, dim: int, arg: int | str) -> None:
-        self.dim, self.arg = dim, arg
+    def __init__(self, module: nn.Module, dim: int, arg: int | str) -> None:
+        super().__init__()
+        self.module, self.dim, self.arg = module, dim, arg
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         if isinstance(self.arg, int):
-            args = list(args)
-            args[self.arg] = args[self.arg] - args[self.arg].mean(dim=self.dim, keepdim=True)
-            return tuple(args), kwargs
-        kwargs = dict(kwargs)
-        kwargs[self.arg] = kwargs[self.arg] - kwargs[self.arg].mean(dim=self.dim, keepdim=True)
-        return args, kwargs
+            args = tuple(a - a.mean(dim=self.dim, keepdim=True) if i == self.arg else a for i, a in enumerate(args))
+        else:
+            kwargs = dict(kwargs)
+            kwargs[self.arg] = kwargs[self.arg] - kwargs[self.arg].mean(dim=self.dim, keepdim=True)
+        return self.module(*args, **kwargs)
 
-    def __repr__(self) -> str:
-        return f"CentreInput(dim={self.dim}, arg={self.arg!r})"
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, arg={self.arg!r}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1230,11 +1254,12 @@ class LayerNormToRMSNorm(Pass):
             set_submodule(module, site.path, new)
             where = f"in {site.path} (now {type(new).__name__})"
         elif site.kind == "output":
-            target.register_forward_hook(CentreOutput(site.dim))
-            where = f"on the output of {site.path} ({type(target).__name__})"
+            set_submodule(module, site.path, CentredOutput(target, site.dim))
+            where = f"on the output of {site.path} ({type(target).__name__}, now wrapped in CentredOutput)"
         else:
-            target.register_forward_pre_hook(CentreInput(site.dim, site.arg), with_kwargs=True)
-            where = f"on input {site.arg!r} of {site.path} ({type(target).__name__}), where the stream enters it"
+            set_submodule(module, site.path, CentredInput(target, site.dim, site.arg))
+            where = (f"on input {site.arg!r} of {site.path} ({type(target).__name__}, now wrapped in CentredInput), "
+                     "where the stream enters it")
         root = a.find(site.node)
         ln_paths = sorted({c.target for c in a.ln_calls if a.find(a.reader_key(c)) is root})
         tokens = _numel(site.shape) // int(site.shape[site.dim]) if site.shape else None

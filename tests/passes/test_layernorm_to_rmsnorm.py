@@ -500,13 +500,14 @@ def test_one_centring_op_where_the_stream_starts_at_a_nonlinear_map(functional: 
     assert not r.skipped and set(conversions(r).values()) == {"exact"} and len(conversions(r)) == 5
     ops = [c for c in r.changes if c.action == "centre_op"]
     assert len(ops) == 1 and ops[0].details["layernorms_made_exact"] == 5 and ops[0].details["flops_per_token"] == 64
-    if functional:  # a pre-hook where the stream enters the blocks
+    if functional:  # the blocks, where the stream enters them, wrapped in CentredInput
         assert ops[0].details["kind"] == "input" and ops[0].paths == ("blocks",)
-        assert [type(h).__name__ for h in r.module.blocks._forward_pre_hooks.values()] == ["CentreInput"]
-    else:  # a forward hook on the GELU module
+        assert type(r.module.blocks).__name__ == "CentredInput" and r.module.blocks.module is not model.blocks
+    else:  # the GELU module wrapped in CentredOutput
         assert ops[0].details["kind"] == "output" and ops[0].paths == ("act",)
-        assert [type(h).__name__ for h in r.module.act._forward_hooks.values()] == ["CentreOutput"]
-    assert not model.act._forward_hooks and not model.blocks._forward_pre_hooks  # the caller's model is untouched
+        assert type(r.module.act).__name__ == "CentredOutput"
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in r.module.modules())  # structure, no hooks
+    assert type(model.act) is nn.GELU and type(model.blocks) is nn.Sequential  # the caller's model is untouched
     assert_outputs_close(run_eval(r.module, (x,)), run_eval(model, (x,)), TOL, what="centring op")
     assert_outputs_close(run_eval(copy.deepcopy(r.module), (x,)), run_eval(model, (x,)), TOL, what="deep copy")
 
