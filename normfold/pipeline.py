@@ -21,6 +21,8 @@ print. The rules live here, once:
 
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -318,11 +320,13 @@ def rewrite_and_verify(original: nn.Module, rewrite: Callable[[nn.Module], Any],
                           exact=exact)
 
 
-def fold(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, tolerance: Any = None) -> RewriteOutcome:
+def fold(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, tolerance: Any = None,
+         merge_branches: bool = False) -> RewriteOutcome:
     """What ``normfold fold`` does, from Python: the eval form of ``model`` folded (part by part when it does not
     trace whole, :func:`normfold.passes.piecewise.piecewise`) and verified against it.
 
-    ``model`` is not touched. ``outcome.result.module`` is the folded model,
+    ``merge_branches`` also merges the parallel branches of re-parameterizable blocks into one conv each
+    (:func:`normfold.merge_branches`). ``model`` is not touched. ``outcome.result.module`` is the folded model,
     ``outcome.verification`` the comparison, ``outcome.may_write()`` the verdict.
     """
     from normfold.passes.fold_batchnorm import fold_batchnorm
@@ -333,5 +337,7 @@ def fold(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, tolerance:
 
         model = copy_module(model).eval()
     inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
-    return rewrite_and_verify(model, lambda m: piecewise(fold_batchnorm, m, inplace=True, example_inputs=inputs),
+    fold_fn = functools.partial(fold_batchnorm, merge_branches=merge_branches)
+    return rewrite_and_verify(model, lambda m: piecewise(fold_fn, m, inplace=True, example_inputs=inputs,
+                                                         pass_name="fold_batchnorm"),
                               inputs, tolerance=tolerance)

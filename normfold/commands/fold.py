@@ -57,6 +57,10 @@ class FoldCommand(Command):
         p.add_argument("--onnx", metavar="OUT.onnx", help="also export the folded model to ONNX, checked in onnxruntime")
         p.add_argument("--check", action="store_true", help="run the full checker (probes, report) before writing")
         p.add_argument("--opset", type=int, default=None, help="ONNX opset of --onnx (default: from the norm layers)")
+        p.add_argument("--merge-branches", action="store_true",
+                       help="also merge the parallel branches of re-parameterizable blocks (RepVGG, MobileOne, "
+                            "FastViT, ...) into one conv each; a merged block is a GraphModule, so write it "
+                            "with -o OUT.pt2 or --pickle")
         add_check_arguments(p)
         add_safety_arguments(p)
 
@@ -78,7 +82,8 @@ class FoldCommand(Command):
         original = loaded.module
         inputs = resolve_inputs(args, original, console)
         with quiet_tracing(enabled=not args.verbose):  # a failed trace prints its partial graph on stderr
-            outcome = pipeline.fold(original, inputs, tolerance=tolerance_from_args(args))
+            outcome = pipeline.fold(original, inputs, tolerance=tolerance_from_args(args),
+                                    merge_branches=args.merge_branches)
         result, v = outcome.result, outcome.verification
         print_pass_result(console, result, title="fold_batchnorm", verbose=args.verbose)
         if _refuse_noop(args, result):
@@ -177,13 +182,15 @@ def _fold_exported(args: argparse.Namespace, console: Console, loaded: LoadedMod
 
 
 def folded_count(result) -> int:
-    """BatchNorm layers folded (bakes of weight standardization are not folds)."""
+    """BatchNorm layers folded (bakes of weight standardization and branch merges are not folds)."""
     return sum(1 for c in result.changes if c.action.startswith("fold"))
 
 
 def fold_summary(result) -> str:
-    """"folded N BatchNorm layer(s)[, baked M weight standardization(s)], left K alone"."""
+    """"folded N BatchNorm layer(s)[, baked M weight standardization(s)][, merged K block(s)], left L alone"."""
     folds = folded_count(result)
-    bakes = len(result.changes) - folds
+    merges = sum(1 for c in result.changes if c.action == "merge_branches")
+    bakes = len(result.changes) - folds - merges
     baked = f", baked {bakes} weight standardization(s)" if bakes else ""
-    return f"folded {folds} BatchNorm layer(s){baked}, left {len(result.skipped)} alone"
+    merged = f", merged the branches of {merges} block(s)" if merges else ""
+    return f"folded {folds} BatchNorm layer(s){baked}{merged}, left {len(result.skipped)} alone"

@@ -13,7 +13,8 @@ Layers, lowest first (a module imports only from the ones above it):
 * :mod:`~normfold.passes.fold.program_pass` — the ExportedProgram pass;
 * :mod:`~normfold.passes.fold.module_pass` — the nn.Module pass (uses the program pass for models
   torch.fx cannot trace);
-* this file — :func:`fold_batchnorm`, which composes the passes with :class:`~normfold.passes.base.PassManager`.
+* this file — :func:`fold_batchnorm`, which composes the passes with :class:`~normfold.passes.base.PassManager`,
+  and, on request, :class:`~normfold.passes.merge_branches.MergeBranches` after the folds.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from normfold.passes.fold.program_pass import ExportedPassResult, FoldBatchNormP
     program_inputs
 from normfold.passes.fold.refusal import Refusal
 from normfold.passes.fold.rules import producer_problem
+from normfold.passes.base import Skip
+from normfold.passes.merge_branches import PASS_NAME as MERGE_PASS_NAME, MergeBranches
 from normfold.passes.weight_standardization import BakeWeightStandardization, is_weight_standardized_conv
 
 __all__ = ["fold_batchnorm", "fold_passes", "FoldBatchNormModules", "FoldBatchNormProgram", "ExportedPassResult",
@@ -38,27 +41,33 @@ __all__ = ["fold_batchnorm", "fold_passes", "FoldBatchNormModules", "FoldBatchNo
 
 
 def fold_passes(*, example_inputs: Any = None, forward: bool = True,
-                weight_standardization: bool = True) -> list[Pass]:
+                weight_standardization: bool = True, merge_branches: bool = False) -> list[Pass]:
     """The passes :func:`fold_batchnorm` runs on an nn.Module, in order.
 
     1. :class:`~normfold.passes.weight_standardization.BakeWeightStandardization`
        (``weight_standardization``): timm StdConv2d / ScaledStdConv2d become plain
        convs, so the BatchNorm after them can fold too;
     2. :class:`FoldBatchNormModules`: backward (directly, and with ``forward``
-       through channel-wise ops) and forward folds.
+       through channel-wise ops) and forward folds;
+    3. :class:`~normfold.passes.merge_branches.MergeBranches` (``merge_branches``):
+       the parallel branches of re-parameterizable blocks (RepVGG, MobileOne, ...),
+       their conv+BN pairs now folded, become one conv each.
     """
     passes: list[Pass] = []
     if weight_standardization:
         passes.append(BakeWeightStandardization())
     passes.append(FoldBatchNormModules(example_inputs=example_inputs, infer_inputs=True, through_ops=forward,
                                        forward=forward))
-    # Follow-up passes that build on the folded model go here, after the folds: branch
-    # re-parameterization (issue 11, normfold/passes/merge_branches.py) is wired in by the lead.
+    if merge_branches:
+        # after the folds: a branch is then a conv with a bias, a lone BatchNorm (identity), a pool or a
+        # scale, which is what the merge algebra reads; it costs one more trace, so it is asked for
+        passes.append(MergeBranches(example_inputs=example_inputs))
     return passes
 
 
 def fold_batchnorm(model: nn.Module | ExportedProgram, *, inplace: bool = False, example_inputs: Any = None,
-                   forward: bool = True, weight_standardization: bool = True) -> PassResult:
+                   forward: bool = True, weight_standardization: bool = True,
+                   merge_branches: bool = False) -> PassResult:
     """Fold eval-mode BatchNorms into the Conv/ConvTranspose/Linear before them, or after them.
 
     ``example_inputs`` (a tensor or tuple of positional inputs) gives tensor
@@ -68,27 +77,42 @@ def fold_batchnorm(model: nn.Module | ExportedProgram, *, inplace: bool = False,
     leaves are folded through channel-wise ops (reshape, permute, pools, cat)
     into the layer before them, or forward into the layer after them; with
     ``weight_standardization`` (default), timm StdConv2d / ScaledStdConv2d are
-    first baked into plain convs. Given a ``torch.export.ExportedProgram``,
-    folds it at the ATen level (the new program is ``result.program``).
+    first baked into plain convs. With ``merge_branches``, the parallel
+    conv / BatchNorm / identity / avg-pool / scale branches of re-parameterizable
+    blocks are then merged into one conv each (:func:`normfold.merge_branches`;
+    off by default because it traces the model once more). Given a
+    ``torch.export.ExportedProgram``, folds it at the ATen level (the new program
+    is ``result.program``); branch merging is not done there, and says so.
 
     Returns a :class:`PassResult`: ``changes`` name every fold, ``skipped``
     every BatchNorm left, with the reason. The math is in
     :mod:`normfold.passes.fold.arithmetic` and docs/architecture.md.
     """
     if isinstance(model, ExportedProgram):
-        return fold_exported_program(model, inplace=inplace, forward=forward,
-                                     weight_standardization=weight_standardization)
+        result = fold_exported_program(model, inplace=inplace, forward=forward,
+                                       weight_standardization=weight_standardization)
+        if merge_branches:
+            result.skipped.append(Skip(MERGE_PASS_NAME, (), "branch merging works on nn.Module models, not on an "
+                                       "ExportedProgram: fold the module, or merge before exporting"))
+        return result
     # the bake pass scans every module and parameter: run it only where there is something to bake
     bake = weight_standardization and any(is_weight_standardized_conv(m) for m in model.modules())
     try:
         result = PassManager(fold_passes(example_inputs=example_inputs, forward=forward,
-                                         weight_standardization=bake))(model, inplace=inplace)
+                                         weight_standardization=bake, merge_branches=merge_branches))(
+            model, inplace=inplace)
     except PassError as exc:
         # a user error (inputs that do not fit, a model no tracer reads) already names its fix and carries
         # its exit code: hand it on as raised, not as a failure of the pass
         if isinstance(exc.__cause__, NormfoldError) and not isinstance(exc.__cause__, PassError):
             raise exc.__cause__ from None
         raise
+    if merge_branches:
+        # a BatchNorm the folds left (an identity branch, a BatchNorm after an add) and the merge then took
+        # into a merged conv is not "left alone": drop its fold skip
+        merged = {p for c in result.changes if c.pass_name == MERGE_PASS_NAME for p in c.paths}
+        result.skipped = [s for s in result.skipped
+                          if not (s.pass_name != MERGE_PASS_NAME and s.paths and set(s.paths) <= merged)]
     # PassManager keys metrics by pass; which graph the folds were read from is the result's own fact
     source = result.metrics.get(f"{FoldBatchNormModules.name}.graph_source")
     if source is not None:

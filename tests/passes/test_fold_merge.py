@@ -1,0 +1,63 @@
+"""fold_batchnorm(merge_branches=True): the folds, then the branch merge, as one pass list and one command.
+
+The merge rules themselves are tested in test_merge_branches.py; here, what the wiring adds: one call
+folds and merges, a BatchNorm the merge took is not reported as left alone, the .pt2 path says it does
+not merge, and `normfold fold --merge-branches` writes a model that loads back with the same outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import normfold as nf
+from tests.commands._cli import run_cli
+from tests.conftest import assert_models_close
+from tests.passes.test_merge_branches import MobileOneStyle, Net, RepVGGBlock, _bn_count, _conv_count, _prepare, _x
+
+
+def _model() -> nn.Module:
+    return _prepare(Net(RepVGGBlock(8, 8), RepVGGBlock(8, 8, stride=2), MobileOneStyle(8)))
+
+
+def test_fold_then_merge_in_one_call_leaves_no_batchnorm_and_no_stale_skip():
+    model = _model()
+    x = _x(2, 3, 12, 12)
+    plain = nf.fold_batchnorm(model, example_inputs=x)
+    assert _bn_count(plain.module) > 0  # the identity BatchNorms: no conv to fold into
+    assert any("identity" in p for s in plain.skipped for p in s.paths)
+
+    r = nf.fold_batchnorm(model, example_inputs=x, merge_branches=True)
+    assert_models_close(r.module, model, x, what="fold + merge")
+    assert type(r.module) is Net and _bn_count(r.module) == 0
+    assert _conv_count(r.module.body) == 3  # one conv per block
+    merges = [c for c in r.changes if c.action == "merge_branches"]
+    assert [c.details["block"] for c in merges] == ["body.0", "body.1", "body.2"]
+    assert not r.skipped  # the identity BatchNorms the folds left were merged, not left alone
+    assert _bn_count(model) > 0  # inplace=False: the input is untouched
+
+
+def test_exported_program_says_it_does_not_merge():
+    model = _model()
+    x = _x(1, 3, 12, 12)
+    program = torch.export.export(model, x, strict=False)
+    r = nf.fold_batchnorm(program, merge_branches=True)
+    assert any(s.pass_name == "merge_branches" and "ExportedProgram" in s.reason for s in r.skipped)
+
+
+def test_cli_fold_merge_branches_writes_a_pt2_that_matches(tmp_path: Path, capsys):
+    model = _model()
+    src = tmp_path / "rep.pt"
+    torch.save(model, src)
+    out = tmp_path / "rep.merged.pt2"
+    code, stdout, _ = run_cli(["fold", str(src), "--trust", "--merge-branches", "--input-shape", "1,3,12,12",
+                               "-o", str(out)], capsys)
+    assert code == 0, stdout
+    last = stdout.strip().splitlines()[-1]
+    assert "merged the branches of 3 block(s)" in last and "left 0 alone" in last
+    program = torch.export.load(str(out))
+    x = _x(1, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.allclose(program.module()(*x), model(*x), rtol=0, atol=1e-4 * model(*x).abs().max().item())
