@@ -50,6 +50,7 @@ Hugging Face folder and ``<stem>.<step>.pt`` beside a pickled module.
 from __future__ import annotations
 
 import ast
+import collections
 import contextlib
 import functools
 import hashlib
@@ -334,7 +335,7 @@ def load_model(path: str | os.PathLike, *, trust: bool = False, arch: str | None
     if state is None:
         raise ModelLoadError(f"{p} holds a {type(obj).__name__}, not a model or a state_dict; "
                              "save the model with torch.save(model.state_dict(), path)")
-    return _from_state(p, dict(state), recipe, arch)
+    return _from_state(p, state, recipe, arch)  # as loaded: its ``_metadata`` (module versions) matters
 
 
 def load(path: str | os.PathLike, *, arch: str | None = None, trust: bool = False) -> nn.Module:
@@ -434,9 +435,18 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], p: Path, what: 
     """Strict load that keeps the file's dtypes (``assign=True``: an fp16 file gives fp16 parameters)."""
     extra = {k[len(_EXTRA_PREFIX):]: v for k, v in state.items() if k.startswith(_EXTRA_PREFIX)}
     weights = {k: v for k, v in state.items() if not k.startswith(_EXTRA_PREFIX)}
+    # torch.save of a state_dict keeps each module's version in ``_metadata``, and modules whose loading
+    # depends on it (torchvision's MNASNet refuses a state_dict without its version) need it. A file without
+    # one (safetensors, normfold's own output) holds weights of the code that builds the model now: its versions.
+    metadata = getattr(state, "_metadata", None)
+    if metadata is None:
+        metadata = getattr(model.state_dict(), "_metadata", None)
+    weights = collections.OrderedDict(weights)
+    if metadata is not None:
+        weights._metadata = metadata  # type: ignore[attr-defined]
     try:
         model.load_state_dict(weights, strict=True, assign=True)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError, KeyError) as exc:  # a module's own _load_from_state_dict may raise any
         first = str(exc).splitlines()
         detail = " ".join(line.strip() for line in first[1:3]) if len(first) > 1 else str(exc)
         raise ModelLoadError(f"{p} does not fit {what}: {detail[:300]}; pass the factory the weights came from") from exc

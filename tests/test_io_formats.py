@@ -618,3 +618,16 @@ def test_torchvision_vit_converted_to_rmsnorm_saves_without_pickle(tmp_path: Pat
     again = nf.load(out, arch=arch)
     assert not any(isinstance(m, nn.LayerNorm) for m in again.modules())
     _same(again, result.module, x)
+
+
+def test_module_versions_survive_a_state_dict_and_a_safe_file(tmp_path: Path, capsys) -> None:
+    """torchvision's MNASNet loads only with its version in the state_dict's ``_metadata`` (found by the CLI sweep)."""
+    arch = "torchvision.models:mnasnet0_5"
+    model = randomize_bn_stats(build_arch(arch), 0).eval()
+    src = tmp_path / "mn.pt"
+    torch.save(model.state_dict(), src)  # a .pt keeps _metadata; the safe file normfold writes does not
+    code, out, err = run_cli(["fold", str(src), "--arch", arch, "--input-shape", "1,3,64,64", "-q"], capsys)
+    assert code == 0, out + err
+    written = tmp_path / "mn.folded.safetensors"
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert nf.verify(model, nf.load(written, arch=arch), (x,)).passed
