@@ -612,20 +612,29 @@ class _BlockAnalysis:
             return st.value if isinstance(st, _Const) else None
         return a
 
+    def _with_constant(self, tensor: Any, const: Any) -> tuple[_Term, torch.Tensor] | _Barrier:
+        """The term of ``tensor`` and ``const`` as a per-channel vector, the term given the rank the constant
+        implies; a barrier when the constant is not per-channel or the ranks disagree."""
+        t = self._operand(tensor)
+        c = _per_channel(const, t.rank)
+        if isinstance(c, str):
+            return _Barrier(c)
+        c, rank = c
+        t = _with_rank(t, rank)
+        if isinstance(t, str):
+            return _Barrier(t)
+        return t, c
+
     def _add(self, node: torch.fx.Node, a: Any, b: Any, sign: float) -> _Term | _Barrier:
         a_const, b_const = self._value_or_term(a), self._value_or_term(b)
         if a_const is not None or b_const is not None:  # a bias: x + c, c + x, x - c
             if a_const is not None and b_const is not None:
                 return _Barrier("constant")
             tensor, const = (b, a_const) if a_const is not None else (a, b_const)
-            t = self._operand(tensor)
-            c = _per_channel(const, t.rank)
-            if isinstance(c, str):
-                return _Barrier(c)
-            c, rank = c
-            t = _with_rank(t, rank)
-            if isinstance(t, str):
-                return _Barrier(t)
+            operand = self._with_constant(tensor, const)
+            if isinstance(operand, _Barrier):
+                return operand
+            t, c = operand
             s = torch.tensor([sign if a_const is not None else 1.0], dtype=torch.float64)
             shift = c * (1.0 if a_const is not None else sign)
             out = _scale(t, s, shift)
@@ -651,14 +660,10 @@ class _BlockAnalysis:
         if div and a_const is not None:
             return _Barrier("division by a tensor", nonlinear=True)
         tensor, const = (b, a_const) if a_const is not None else (a, b_const)
-        t = self._operand(tensor)
-        c = _per_channel(const, t.rank)
-        if isinstance(c, str):
-            return _Barrier(c)
-        c, rank = c
-        t = _with_rank(t, rank)
-        if isinstance(t, str):
-            return _Barrier(t)
+        operand = self._with_constant(tensor, const)
+        if isinstance(operand, _Barrier):
+            return operand
+        t, c = operand
         if div:
             c = 1.0 / c
         out = _scale(t, c, torch.zeros(1, dtype=torch.float64))
