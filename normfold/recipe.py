@@ -392,6 +392,15 @@ def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_path) if parent_path else root), name
 
 
+def _put(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Place ``module`` at ``path`` under ``root``; returns the (possibly new) root."""
+    if path == "":
+        return module
+    parent, name = _parent(root, path)
+    parent._modules[name] = module
+    return root
+
+
 def apply_recipe(base: nn.Module, recipe: dict[str, Any], *, factory_module: str | None = None) -> nn.Module:
     """Replay ``recipe`` on ``base`` (a fresh build of the original model); returns the rebuilt model.
 
@@ -420,11 +429,7 @@ def apply_recipe(base: nn.Module, recipe: dict[str, Any], *, factory_module: str
             for child in edit.get("children", []):
                 module._modules[child] = None
             module.training = bool(edit.get("training", True))
-            if path == "":
-                root = module
-            else:
-                parent, name = _parent(root, path)
-                parent._modules[name] = module
+            root = _put(root, path, module)
         elif op == "wrap":
             cls = _resolve_class(str(edit["class"]), allowed, factory_module)
             inner = root.get_submodule(path) if path else root
@@ -433,11 +438,7 @@ def apply_recipe(base: nn.Module, recipe: dict[str, Any], *, factory_module: str
             _set_attrs(module, edit.get("attrs", {}), path, allowed, factory_module)
             module._modules[str(edit["child"])] = inner
             module.training = inner.training
-            if path == "":
-                root = module
-            else:
-                parent, name = _parent(root, path)
-                parent._modules[name] = module
+            root = _put(root, path, module)
         elif op == "patch":
             module = root.get_submodule(path) if path else root
             _set_attrs(module, edit.get("attrs", {}), path, allowed, factory_module)
