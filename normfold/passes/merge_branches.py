@@ -77,6 +77,7 @@ from torch.nn import functional as F
 from normfold.graph import eval_mode, is_leaf_type
 from normfold.norms import batchnorm_affine, batchnorm_remnant, is_batchnorm, set_submodule
 from normfold.passes.base import Change, Pass, PassResult, Skip
+from normfold.passes.merge_modules import merged_block_module
 
 __all__ = ["MergeBranches", "merge_branches"]
 
@@ -829,11 +830,12 @@ class _MergeRun:
             merged_blocks += 1
             gm.train(block.training)
             result.changes.extend(changes)
+            replacement = merged_block_module(gm)
             if path:
-                set_submodule(module, path, gm)
+                set_submodule(module, path, replacement)
             else:
-                result.module = gm
-                module = gm
+                result.module = replacement
+                module = replacement
         # a skip of a region inside a block that merged later at a parent is moot
         merged = {p for c in result.changes for p in c.paths[1:]}
         result.skipped = [s for s in result.skipped if not (set(s.paths[1:]) & merged)]
