@@ -830,7 +830,7 @@ class _MergeRun:
             merged_blocks += 1
             gm.train(block.training)
             result.changes.extend(changes)
-            replacement = merged_block_module(gm)
+            replacement = merged_block_module(gm, block)
             if path:
                 set_submodule(module, path, replacement)
             else:
