@@ -12,6 +12,9 @@ ops that RUN in one forward pass (ATen dispatch level, like tests/zoo):
                backward through reshapes / pools / cat), ``forward`` (folded into
                the next layer) and ``ws`` (weight standardization baked);
 * ``left``     ops still running, each with a reason in ``PassResult.skipped``;
+* ``merge``    ops removed by ``fold_batchnorm(merge_branches=True)`` (the folds, then the
+               branch merge of re-parameterizable blocks), ``left m`` those still running
+               after it, and ``conv`` the convolution ops run before / after it;
 * ``rel err``  max error of the folded model relative to the output's scale.
 
 With ``--pt2`` each model is also exported with torch.export and folded at the
@@ -44,7 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import normfold as nf  # noqa: E402
 from normfold.tolerances import for_dtype  # noqa: E402
-from tests.conftest import BatchNormOpCounter, output_error, randomize_bn_stats, run_counting  # noqa: E402
+from tests.conftest import (BatchNormOpCounter, output_error, randomize_bn_stats, run_counting,  # noqa: E402
+                            run_counting_ops)
 
 try:  # big torchvision models build much faster with it, when the test helpers provide it
     from tests.conftest import fast_random_init  # noqa: E402
@@ -68,7 +72,9 @@ TIMM_ZOO = [
 ]
 #: timm models where the forward / through-ops / weight-standardization rules matter, beyond the zoo list
 TIMM_EXTRA = ["repvit_m1", "efficientformerv2_s0", "resnetv2_50x1_bit", "nf_resnet26", "fastvit_t8",
-              "mixnet_m", "tinynet_a", "levit_conv_128s", "efficientvit_m0"]
+              "mixnet_m", "tinynet_a", "levit_conv_128s", "efficientvit_m0",
+              # the Rep* families of tests/zoo/test_reparam_zoo.py not in the zoo list (branch merging)
+              "repvit_m0_9", "repghostnet_050"]
 
 
 @dataclass
@@ -85,6 +91,11 @@ class Row:
     ws: int = 0
     left: int = 0
     rel_err: float = 0.0
+    merge: int = 0
+    merge_left: int = 0
+    merge_err: float = 0.0
+    conv: int = 0
+    conv_merge: int = 0
     seconds: float = 0.0
     pt2: int | str = ""
     pt2_same: str = ""
@@ -150,6 +161,7 @@ def measure(name: str, source: str, pt2: bool) -> Row:
     x, ref, n_ref = _first_run(model)
     row.input = "x".join(map(str, x[0].shape[1:]))
     row.ops = n_ref
+    row.conv = row.conv_merge = run_counting_ops(model, x)[2]
 
     from torch.fx.experimental.optimization import fuse
 
@@ -168,6 +180,19 @@ def measure(name: str, source: str, pt2: bool) -> Row:
     direct = nf.fold_batchnorm(model, example_inputs=x, forward=False, weight_standardization=False)
     row.direct = n_ref - run_counting(direct.module, x)[1]
     del direct
+    gc.collect()
+
+    try:
+        merged = nf.fold_batchnorm(model, example_inputs=x, merge_branches=True)
+        out_m, n_m, row.conv_merge = run_counting_ops(merged.module, x)
+        row.merge, row.merge_left = n_ref - n_m, n_m
+        row.merge_err = output_error(out_m, ref)[1]
+        if row.merge_err > RTOL:
+            row.note += f" MERGED OUTPUT DIFFERS (rel err {row.merge_err:.2g})"
+        del merged, out_m
+    except Exception as exc:  # counted as no merge; the note says why
+        row.merge, row.merge_left = 0, n_ref
+        row.note += f" merge failed ({type(exc).__name__}: {str(exc)[:80]})"
     gc.collect()
 
     module_records = None
@@ -248,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{source:12s} {name:28s} ops {row.ops:4d} fuse {row.fuse!s:>4s} direct {row.direct:4d} "
               f"normfold {row.normfold:4d} (through {row.through}, forward {row.forward}, ws {row.ws}) "
-              f"left {row.left:3d} rel {row.rel_err:.1e} pt2 {row.pt2!s} {row.pt2_same} "
+              f"left {row.left:3d} rel {row.rel_err:.1e} merge {row.merge:4d} left {row.merge_left:3d} "
+              f"conv {row.conv}/{row.conv_merge} rel {row.merge_err:.1e} pt2 {row.pt2!s} {row.pt2_same} "
               f"[{time.perf_counter() - t0:.0f}s] {row.note}", flush=True)
         if args.reasons:
             for r in row.reasons:
@@ -256,14 +282,15 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
 
     cols = ["model", "source", "input", "BN ops", "fuse", "direct", "normfold", "through", "forward", "WS", "left",
-            "max rel err"] + (["pt2", "pt2 = module"] if args.pt2 else [])
+            "max rel err", "merge", "left m", "conv / merged", "merged rel err"] + (["pt2", "pt2 = module"] if args.pt2 else [])
     print("\n| " + " | ".join(cols) + " |")
     print("|" + "|".join("---" for _ in cols) + "|")
     for r in rows:
         if not r.ops and not r.note.startswith("ERROR"):
             continue
         cells = [r.name, r.source, r.input, r.ops, r.fuse, r.direct, r.normfold, r.through, r.forward, r.ws, r.left,
-                 f"{r.rel_err:.1e}"] + ([r.pt2, r.pt2_same] if args.pt2 else [])
+                 f"{r.rel_err:.1e}", r.merge, r.merge_left, f"{r.conv} / {r.conv_merge}", f"{r.merge_err:.1e}"
+                 ] + ([r.pt2, r.pt2_same] if args.pt2 else [])
         print("| " + " | ".join(str(c) for c in cells) + " |" + (f" {r.note}" if r.note else ""))
 
     print()
@@ -274,11 +301,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"**{group}**: {len(g)} models, {len(with_bn)} with BatchNorm; batch_norm ops {tot('ops')}: "
               f"fuse folds {tot('fuse')}, normfold direct {tot('direct')}, normfold {tot('normfold')} "
               f"(through ops {tot('through')}, forward {tot('forward')}, weight standardization {tot('ws')}); "
-              f"left {tot('left')}; normfold >= fuse on {sum(1 for r in with_bn if isinstance(r.fuse, int) and r.normfold >= r.fuse)}"
+              f"left {tot('left')}; with merge_branches=True {tot('merge')} (left {tot('merge_left')}, "
+              f"conv ops {tot('conv')} -> {tot('conv_merge')}, on {sum(1 for r in with_bn if r.conv_merge < r.conv)} "
+              f"models; max rel err {max((r.merge_err for r in with_bn), default=0):.1e}); normfold >= fuse on {sum(1 for r in with_bn if isinstance(r.fuse, int) and r.normfold >= r.fuse)}"
               f"/{len(with_bn)}; max rel err {max((r.rel_err for r in with_bn), default=0):.1e}"
               + (f"; pt2 records equal the module pass on {sum(1 for r in with_bn if r.pt2_same == 'yes')}/{len(with_bn)}"
                  if args.pt2 else ""))
-    bad = [r for r in rows if "DIFFERS" in r.note or r.note.startswith("ERROR") or
+    bad = [r for r in rows if "DIFFERS" in r.note or r.note.startswith("ERROR") or "merge failed" in r.note or
+           r.merge < r.normfold or
            (isinstance(r.fuse, int) and r.normfold < r.fuse)]
     if bad:
         print("\nproblems: " + ", ".join(f"{r.name} ({r.note.strip() or 'normfold < fuse'})" for r in bad))

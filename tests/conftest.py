@@ -203,6 +203,30 @@ def run_counting(model: nn.Module, inputs: Sequence[Any]) -> tuple[Any, int]:
     return out, counter.count
 
 
+class ConvAndBatchNormOpCounter(BatchNormOpCounter):
+    """:class:`BatchNormOpCounter` that also counts ``aten.convolution`` ops (``conv``: every
+    Conv1d/2d/3d and ConvTranspose reaches it once, which is what branch merging removes) and
+    every ATen op dispatched (``total``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = 0
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        self.total += 1
+        if func is torch.ops.aten.convolution.default:
+            self.conv += 1
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def run_counting_ops(model: nn.Module, inputs: Sequence[Any]) -> tuple[Any, int, int]:
+    """(output, batch_norm ops run, convolution ops run) of an eval forward."""
+    with eval_mode(model), torch.no_grad(), ConvAndBatchNormOpCounter() as counter:
+        out = model(*inputs)
+    return out, counter.count, counter.conv
+
+
 # ----------------------------------------------------------------------------------------------
 # fixtures
 
