@@ -199,7 +199,7 @@ class ModelGraph:
             return True
         if self._shapes_done:
             return True
-        inputs = _as_tuple(example_inputs) or self.example_inputs
+        inputs = as_input_tuple(example_inputs) or self.example_inputs
         if not inputs:
             return False
         _propagate_shapes(self.root, self.graph_module, inputs)
@@ -266,7 +266,8 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
                 m.training = flags[n]
 
 
-def _as_tuple(example_inputs: Any) -> tuple:
+def as_input_tuple(example_inputs: Any) -> tuple:
+    """Example inputs as the positional-argument tuple of a forward call (None -> (), a tensor -> (tensor,))."""
     if example_inputs is None:
         return ()
     if isinstance(example_inputs, torch.Tensor):
@@ -284,7 +285,7 @@ def build_graph(model: nn.Module, example_inputs: Any = None, *, allow_export: b
     deferred to :meth:`ModelGraph.ensure_shapes` (the inputs are kept for it).
     Raises :class:`TraceError` saying why when neither tracer works.
     """
-    inputs = _as_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs)
     try:
         try:
             graph = _LeafTracer().trace(model)

@@ -103,7 +103,7 @@ from torch import nn
 
 from normfold import hf
 from normfold.errors import UsageError
-from normfold.graph import GNode, ModelGraph, build_graph, describe_node, eval_mode
+from normfold.graph import GNode, ModelGraph, as_input_tuple, build_graph, describe_node, eval_mode
 from normfold.norms import set_submodule
 from normfold.passes.base import Change, Pass, PassResult, Skip
 from normfold.passes.fold_batchnorm import producer_problem
@@ -1176,7 +1176,7 @@ class LayerNormToRMSNorm(Pass):
             # Hugging Face models (and keyword inputs): caches off, a flat tuple of tensors out, same module paths
             with hf.traceable(module, self.example_inputs) as inputs:
                 return self._call(module, inputs)
-        return self._call(module, _as_tuple(self.example_inputs))
+        return self._call(module, as_input_tuple(self.example_inputs))
 
     def _call(self, module: nn.Module, inputs: tuple) -> PassResult:
         result = PassResult(module=module)
@@ -1687,14 +1687,6 @@ def _slot_name(slot: tuple[str, str]) -> str:
 
 def _short_list(items: list[str], n: int = 3) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
-
-
-def _as_tuple(example_inputs: Any) -> tuple:
-    if example_inputs is None:
-        return ()
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
 
 
 def layernorm_to_rmsnorm(model: nn.Module, *, mode: str = "auto", example_inputs: Any = None,

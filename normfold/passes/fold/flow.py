@@ -243,6 +243,18 @@ def _present(index: torch.Tensor) -> torch.Tensor:
     return vals[vals >= 0].long()
 
 
+def _step_through(r: Rule, idx: torch.Tensor, node: Any, constraints: list[Constraint],
+                  ops: list[str]) -> torch.Tensor | Refusal:
+    """One op on a fold's path: the channel map after it, a pool's constraints, the op's label recorded."""
+    nxt = _apply_rule(r, idx, node)
+    if isinstance(nxt, Refusal):
+        return nxt
+    if r.kind == "pool":
+        constraints.extend(_pool_constraints(r, idx))
+    ops.append(r.label)
+    return nxt
+
+
 def _apply_rule(rule: Rule, index: Any, node: torch.fx.Node) -> Any:
     """Push the index tensor through one op; a Refusal says why it cannot."""
     if rule.kind == "move":
@@ -334,12 +346,9 @@ def walk_forward(d: FlowReader, start: torch.fx.Node, index: LazyIndex) -> Forwa
                     constraints.append(Constraint("zero_shift", torch.unique(cmap), r.label, "pads with zeros",
                                                   consumer=True))
                 continue
-            nxt = _apply_rule(r, idx, u)
+            nxt = _step_through(r, idx, u, constraints, ops)
             if isinstance(nxt, Refusal):
                 return nxt
-            if r.kind == "pool":
-                constraints.extend(_pool_constraints(r, idx))
-            ops.append(r.label)
             stack.append((u, nxt))
     for h in hits:
         if h.consumer.kind == "conv_transpose":
@@ -463,13 +472,7 @@ def walk_backward(d: FlowReader, bn_node: torch.fx.Node, bn_input: torch.fx.Node
         idx = up(src, node, depth + 1)
         if isinstance(idx, Refusal):
             return idx
-        nxt = _apply_rule(r, idx, node)
-        if isinstance(nxt, Refusal):
-            return nxt
-        if r.kind == "pool":
-            constraints.extend(_pool_constraints(r, idx))
-        ops.append(r.label)
-        return nxt
+        return _step_through(r, idx, node, constraints, ops)
 
     idx = up(bn_input, bn_node, 0)
     if isinstance(idx, Refusal):

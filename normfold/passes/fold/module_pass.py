@@ -228,12 +228,8 @@ class FoldBatchNormModules(Pass):
         for layer, fold in edits:
             _set_bias(layer, fold.apply())
         self._remove_bn(r, node.target, bn)
-        paths = [part.producer.ref for part in plan.parts]
-        through = f" through {', '.join(plan.ops)}" if plan.ops else ""
-        result.changes.append(Change(self.name, "fold", (node.target, *paths),
-                                     f"folded {node.target} ({type(bn).__name__}) into "
-                                     f"{_layer_names(r, paths)}{through}",
-                                     {"channels": affine.num_features, "through": list(plan.ops)}))
+        result.changes.append(self._fold_change(r, "fold", node.target, bn, [p.producer.ref for p in plan.parts],
+                                                plan.ops, affine))
         return None
 
     def _fold_forward(self, r: ModuleReader, node: torch.fx.Node, bn: nn.Module,
@@ -276,13 +272,18 @@ class FoldBatchNormModules(Pass):
             if new_b is not None:
                 _set_bias(layer, new_b)
         self._remove_bn(r, node.target, bn)
-        consumers = [h.consumer.ref for h in plan.hits]
-        through = f" through {', '.join(plan.ops)}" if plan.ops else ""
-        result.changes.append(Change(self.name, "fold_forward", (node.target, *consumers),
-                                     f"folded {node.target} ({type(bn).__name__}) forward into "
-                                     f"{_layer_names(r, consumers)}{through}",
-                                     {"channels": affine.num_features, "through": list(plan.ops)}))
+        result.changes.append(self._fold_change(r, "fold_forward", node.target, bn,
+                                                [h.consumer.ref for h in plan.hits], plan.ops, affine))
         return None
+
+    def _fold_change(self, r: ModuleReader, kind: str, bn_path: str, bn: nn.Module, layers: list[str],
+                     ops: list[str], affine: BatchNormAffine) -> Change:
+        """The record of one fold: the BatchNorm, the layers it went into, the ops it was carried through."""
+        into = "forward into" if kind == "fold_forward" else "into"
+        through = f" through {', '.join(ops)}" if ops else ""
+        return Change(self.name, kind, (bn_path, *layers),
+                      f"folded {bn_path} ({type(bn).__name__}) {into} {_layer_names(r, layers)}{through}",
+                      {"channels": affine.num_features, "through": list(ops)})
 
     @staticmethod
     def _remove_bn(r: ModuleReader, path: str, bn: nn.Module) -> None:
