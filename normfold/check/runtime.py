@@ -85,6 +85,8 @@ def _cuda_libraries_loaded() -> dict[str, str]:
                 if len(parts) >= 6 and _CUDA_LIBRARY.match(os.path.basename(parts[-1])):
                     found.setdefault(os.path.basename(parts[-1]), parts[-1])
     except OSError:
+        # no /proc (macOS, Windows) or a sandbox that hides it: the provider line then lists no library,
+        # which is all this is for (it never decides which provider runs)
         pass
     return found
 
