@@ -20,6 +20,8 @@ __all__ = ["parse_shape", "random_inputs", "infer_input_shapes", "InferredInputs
 #: mean and standard deviation of seeded random inputs
 INPUT_MEAN = 0.5
 INPUT_STD = 2.0
+#: image side of a Hugging Face vision model whose config gives no ``image_size`` (ImageNet's)
+DEFAULT_IMAGE_SIZE = 224
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -132,7 +134,8 @@ def hf_example_inputs(model: nn.Module, shape: Sequence[int] | None = None, *, s
 
     The model's ``forward`` decides which input it reads first of ``input_features`` (Whisper-like
     audio: ``(batch, num_mel_bins, 2 * max_source_positions)``), ``pixel_values`` (images:
-    ``(batch, num_channels, image_size, image_size)``) and ``input_ids`` (token ids drawn uniformly
+    ``(batch, num_channels, image_size, image_size)``, ``image_size`` :data:`DEFAULT_IMAGE_SIZE` when the config
+    has none) and ``input_ids`` (token ids drawn uniformly
     from ``[0, vocab_size)``, shape ``(batch, sequence)``, default ``(2, 16)``); ``shape`` replaces
     that default shape. Token ids come with an ``attention_mask`` of ones when forward takes one, and
     an encoder-decoder model (forward takes ``decoder_input_ids``) gets ``batch x 4`` decoder token ids.
@@ -174,7 +177,8 @@ def hf_example_inputs(model: nn.Module, shape: Sequence[int] | None = None, *, s
                 raise UsageError(f"--input-shape {','.join(map(str, s))}: {main} has {rank} dimensions, like {like}")
         elif main == "pixel_values":
             vision = getattr(config, "vision_config", None) or config
-            size = need("image_size", getattr(vision, "image_size", None))
+            # a conv net's config (ResNet, RegNet) names no image size: it takes any, and 224 is what it was made for
+            size = getattr(vision, "image_size", None) or DEFAULT_IMAGE_SIZE
             size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
             s = (2, int(getattr(vision, "num_channels", 3)), *map(int, size))
         else:

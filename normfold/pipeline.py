@@ -320,24 +320,40 @@ def rewrite_and_verify(original: nn.Module, rewrite: Callable[[nn.Module], Any],
                           exact=exact)
 
 
-def fold(model: nn.Module, example_inputs: Sequence[torch.Tensor], *, tolerance: Any = None,
+def fold(model: nn.Module, example_inputs: Sequence[torch.Tensor] | dict[str, torch.Tensor], *, tolerance: Any = None,
          merge_branches: bool = False) -> RewriteOutcome:
     """What ``normfold fold`` does, from Python: the eval form of ``model`` folded (part by part when it does not
     trace whole, :func:`normfold.passes.piecewise.piecewise`) and verified against it.
 
+    ``example_inputs`` are positional inputs, or a dict of keyword inputs (a Hugging Face model's
+    ``input_ids`` / ``attention_mask`` / ``pixel_values``, :func:`normfold.inputs.hf_example_inputs`).
     ``merge_branches`` also merges the parallel branches of re-parameterizable blocks into one conv each
     (:func:`normfold.merge_branches`). ``model`` is not touched. ``outcome.result.module`` is the folded model,
     ``outcome.verification`` the comparison, ``outcome.may_write()`` the verdict.
     """
+    from normfold.passes.base import copy_module
     from normfold.passes.fold_batchnorm import fold_batchnorm
     from normfold.passes.piecewise import piecewise
 
     if any(m.training for m in model.modules()):
-        from normfold.passes.base import copy_module
-
         model = copy_module(model).eval()
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     fold_fn = functools.partial(fold_batchnorm, merge_branches=merge_branches)
-    return rewrite_and_verify(model, lambda m: piecewise(fold_fn, m, inplace=True, example_inputs=inputs,
-                                                         pass_name="fold_batchnorm"),
-                              inputs, tolerance=tolerance)
+
+    def rewrite(m: nn.Module, inputs: tuple) -> Any:
+        return piecewise(fold_fn, m, inplace=True, example_inputs=inputs, pass_name="fold_batchnorm")
+
+    if isinstance(example_inputs, dict):
+        import contextlib
+
+        from normfold.hf import traceable
+
+        # keyword inputs: the copy is made before both models take them positionally (normfold.hf.traceable), so
+        # the folded model leaves the block with its own class and its config's use_cache, as the original does
+        work = copy_module(model)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(traceable(model, example_inputs))
+            inputs = stack.enter_context(traceable(work, example_inputs))
+            # the rewrite takes the copy made above, wrapped like the reference
+            return rewrite_and_verify(model, lambda _: rewrite(work, inputs), inputs, tolerance=tolerance, copy=False)
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+    return rewrite_and_verify(model, lambda m: rewrite(m, inputs), inputs, tolerance=tolerance)

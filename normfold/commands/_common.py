@@ -166,7 +166,8 @@ def resolve_inputs(args: argparse.Namespace, model: nn.Module, console: Console,
             head = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
             raise InputError(f"inputs {what} do not fit {type(model).__name__} ({type(exc).__name__}: {head}); "
                              "pass --input-shape") from exc
-        console.print(f"[dim]inputs from the model's config: {what} (pass --input-shape to choose)[/dim]")
+        how = "--input-shape" if shape else "the model's config"
+        console.print(f"[dim]inputs from {how}: {what}{'' if shape else ' (pass --input-shape to choose)'}[/dim]")
         return kw
     if args.input_shape:
         shapes = [parse_shape(s) for s in args.input_shape]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
@@ -35,7 +36,7 @@ from rich.console import Console
 import torch
 
 from normfold.commands._common import (Command, add_model_arguments, add_output_argument,
-                                       add_safety_arguments, final_line, load_from_args, output_path,
+                                       add_safety_arguments, final_line, keyword_calls, load_from_args, output_path,
                                        print_comparison, print_pass_result, quiet_tracing, resolve_inputs,
                                        write_model)
 from normfold.commands._checking import add_check_arguments, check_report_paths, print_report, run_check, \
@@ -44,6 +45,7 @@ from normfold.errors import InputError, UsageError
 from normfold.export import move_onnx
 from normfold.inputs import parse_shape, random_inputs
 from normfold.io import LoadedModel, check_output_path
+from normfold.norms import is_batchnorm, norm_kind
 from normfold.verify import compare, tolerance_from_args
 from normfold import pipeline
 
@@ -80,13 +82,14 @@ class FoldCommand(Command):
                                  "`normfold check` on the result")
             return _fold_exported(args, console, loaded)
         original = loaded.module
-        inputs = resolve_inputs(args, original, console)
+        # a Hugging Face model gets the keyword inputs its config describes (pipeline.fold takes the dict)
+        inputs = resolve_inputs(args, original, console, keywords=True)
         with quiet_tracing(enabled=not args.verbose):  # a failed trace prints its partial graph on stderr
             outcome = pipeline.fold(original, inputs, tolerance=tolerance_from_args(args),
                                     merge_branches=args.merge_branches)
         result, v = outcome.result, outcome.verification
         print_pass_result(console, result, title="fold_batchnorm", verbose=args.verbose)
-        if _refuse_noop(args, result):
+        if _refuse_noop(args, result, original):
             return 1
         print_comparison(console, v)
         if not v.passed:
@@ -101,10 +104,21 @@ class FoldCommand(Command):
         return _export_and_check(args, console, loaded, original, result.module, inputs, fold_summary(result))
 
 
-def _refuse_noop(args: argparse.Namespace, result) -> bool:
-    """A fold that folded nothing is not a success (a CI step must not pass on it) unless --allow-noop."""
+def _refuse_noop(args: argparse.Namespace, result, model: torch.nn.Module | None = None) -> bool:
+    """A fold that folded nothing is not a success (a CI step must not pass on it) unless --allow-noop.
+
+    The line says why: the BatchNorms left alone (the table above gives each reason), or, for ``model``
+    without any BatchNorm, that there is nothing to fold and which norm layers it has instead.
+    """
     if folded_count(result) or args.allow_noop:
         return False
+    if model is not None and not result.skipped and not any(is_batchnorm(m) for m in model.modules()):
+        kinds = Counter(k for k in map(norm_kind, model.modules()) if k is not None)
+        has = "norm layers: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) if kinds else "no norm layer"
+        hint = "; `normfold convert --to rmsnorm` rewrites LayerNorm" if "layernorm" in kinds else ""
+        final_line(f"FAILED: nothing to fold: the model has no BatchNorm layer ({has}{hint}); nothing written; "
+                   "pass --allow-noop to accept a model with nothing to fold")
+        return True
     final_line(f"FAILED: nothing folded ({fold_summary(result)}; the reasons are listed above); nothing written; "
                "pass --allow-noop to accept a model with nothing to fold")
     return True
@@ -118,8 +132,10 @@ def _export_and_check(args: argparse.Namespace, console: Console, loaded: Loaded
         onnx_tmp = tmpdir / (Path(args.onnx).name if args.onnx else "folded.onnx")
         if not args.check:
             args.no_probes = True  # --onnx alone: compare the outputs; --check adds the probes
-        report = run_check(args, console, original, candidate=folded_model, inputs=inputs, seed=args.seed,
-                           opset=args.opset, save_onnx=onnx_tmp)
+        # keyword inputs (a Hugging Face model): both models and the export take them positionally
+        with keyword_calls(inputs, original, folded_model) as x:
+            report = run_check(args, console, original, candidate=folded_model, inputs=x, seed=args.seed,
+                               opset=args.opset, save_onnx=onnx_tmp)
         if args.check or not report.passed:
             print_report(console, report, verbose=args.verbose)
         if args.onnx:  # where the checked file ends up (or, when the check fails, that it is not written)
@@ -139,7 +155,8 @@ def _export_and_check(args: argparse.Namespace, console: Console, loaded: Loaded
 
 def _fold_exported(args: argparse.Namespace, console: Console, loaded: LoadedModel) -> int:
     """The .pt2 path: fold the ExportedProgram at the ATen level, compare, write a .pt2."""
-    from normfold.passes.fold_exported import fold_exported_program, program_inputs
+    from normfold.passes.fold import fold_batchnorm
+    from normfold.passes.fold_exported import program_inputs
 
     out = output_path(args, loaded, "folded")
     if out.suffix != ".pt2":
@@ -163,7 +180,7 @@ def _fold_exported(args: argparse.Namespace, console: Console, loaded: LoadedMod
         head = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise InputError(f"the inputs do not fit the program ({type(exc).__name__}: {head}); "
                          "pass --input-shape with a shape it was exported for") from exc
-    result = fold_exported_program(program)
+    result = fold_batchnorm(program, merge_branches=args.merge_branches)
     print_pass_result(console, result, title="fold_batchnorm (ATen, .pt2)", verbose=args.verbose)
     if _refuse_noop(args, result):
         return 1

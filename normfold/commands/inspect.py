@@ -13,8 +13,8 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from normfold.commands._common import (Command, add_model_arguments, add_safety_arguments, final_line, load_from_args,
-                                       print_pass_result, resolve_inputs)
+from normfold.commands._common import (Command, add_model_arguments, add_safety_arguments, final_line, keyword_calls,
+                                       load_from_args, print_pass_result, resolve_inputs)
 from normfold.inspect import inspect_model
 
 
@@ -29,8 +29,10 @@ class InspectCommand(Command):
         loaded = load_from_args(args, console)
         if loaded.kind == "exported":
             return _inspect_exported(console, loaded)
-        inputs = resolve_inputs(args, loaded.module, console)
-        reports, totals = inspect_model(loaded.module, example_inputs=inputs)
+        # a Hugging Face model gets the keyword inputs its config describes, taken positionally for the dry run
+        inputs = resolve_inputs(args, loaded.module, console, keywords=True)
+        with keyword_calls(inputs, loaded.module) as x:
+            reports, totals = inspect_model(loaded.module, example_inputs=x)
         t = Table(title=f"normalization layers in {loaded.path}", title_justify="left")
         for col in ("path", "type", "can be done", "why not"):
             t.add_column(col)
