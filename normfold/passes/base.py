@@ -198,7 +198,8 @@ class PassManager:
     ``functools.partial`` of one that binds its options). The returned
     PassResult concatenates changes and skips. If a pass raises, the error is
     re-raised as :class:`PassError` naming the pass that failed and the passes
-    that had run.
+    that had run; a :class:`NormfoldError` (bad inputs, an untraceable model)
+    is raised unchanged.
     """
 
     def __init__(self, passes: Sequence[Any] | Iterable[Any]) -> None:
@@ -217,7 +218,9 @@ class PassManager:
             try:
                 # Only the first pass may need a copy; the rest work on that copy.
                 r = p(current, inplace=inplace or i > 0)
-            except PassError:
+            except NormfoldError:
+                # normfold's own errors already name their fix and carry their exit code (inputs that do not
+                # fit the model are the user's to change, not a failure of the pass): pass them on as raised
                 raise
             except Exception as exc:
                 before = ", ".join(ran) if ran else "none"

@@ -99,3 +99,17 @@ def test_contract_violation_is_addressed_to_the_pass_author() -> None:
 def test_non_module_input_is_a_normfold_error() -> None:
     with pytest.raises(nf.NormfoldError, match="expected a torch.nn.Module"):
         _Renamer()("not a model")  # type: ignore[arg-type]
+
+
+def test_pass_manager_raises_normfold_errors_unchanged() -> None:
+    """An error that names its fix (inputs that do not fit the model) reaches the caller as raised, with its
+    exit code, not wrapped as a failure of the pass."""
+    from normfold.errors import InputError
+
+    class _BadInputs:
+        def __call__(self, module, *, inplace=False):
+            raise InputError("--input-shape 1,3 does not fit the model: give 4 dimensions")
+
+    with pytest.raises(InputError) as info:
+        PassManager([_Renamer(), _BadInputs()])(_model())
+    assert not isinstance(info.value, PassError) and info.value.exit_code == 2

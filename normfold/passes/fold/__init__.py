@@ -24,7 +24,6 @@ from typing import Any
 from torch import nn
 from torch.export import ExportedProgram
 
-from normfold.errors import NormfoldError, PassError
 from normfold.passes.base import Pass, PassManager, PassResult
 from normfold.passes.fold.arithmetic import fold_into_output_channels
 from normfold.passes.fold.module_pass import FoldBatchNormModules
@@ -32,8 +31,9 @@ from normfold.passes.fold.program_pass import ExportedPassResult, FoldBatchNormP
     program_inputs
 from normfold.passes.fold.refusal import Refusal
 from normfold.passes.fold.rules import producer_problem
-from normfold.passes.base import Skip
+from normfold.passes.base import Change, Skip
 from normfold.passes.merge_branches import PASS_NAME as MERGE_PASS_NAME, MergeBranches
+from normfold.passes.merge_program import merge_program
 from normfold.passes.weight_standardization import BakeWeightStandardization, is_weight_standardized_conv
 
 __all__ = ["fold_batchnorm", "fold_passes", "FoldBatchNormModules", "FoldBatchNormProgram", "ExportedPassResult",
@@ -65,6 +65,16 @@ def fold_passes(*, example_inputs: Any = None, forward: bool = True,
     return passes
 
 
+def _without_merged(skipped: list[Skip], changes: list[Change]) -> list[Skip]:
+    """The folds' skips less those of BatchNorms the merge then took.
+
+    A BatchNorm the folds left (an identity branch, a BatchNorm after an add) and the merge took
+    into a merged conv is not "left alone".
+    """
+    merged = {p for c in changes if c.pass_name == MERGE_PASS_NAME for p in c.paths}
+    return [s for s in skipped if not (s.pass_name != MERGE_PASS_NAME and s.paths and set(s.paths) <= merged)]
+
+
 def fold_batchnorm(model: nn.Module | ExportedProgram, *, inplace: bool = False, example_inputs: Any = None,
                    forward: bool = True, weight_standardization: bool = True,
                    merge_branches: bool = False) -> PassResult:
@@ -82,7 +92,8 @@ def fold_batchnorm(model: nn.Module | ExportedProgram, *, inplace: bool = False,
     blocks are then merged into one conv each (:func:`normfold.merge_branches`;
     off by default because it traces the model once more). Given a
     ``torch.export.ExportedProgram``, folds it at the ATen level (the new program
-    is ``result.program``); branch merging is not done there, and says so.
+    is ``result.program``) and, with ``merge_branches``, merges its branches there
+    (:mod:`normfold.passes.merge_program`, the same algebra on ATen ops).
 
     Returns a :class:`PassResult`: ``changes`` name every fold, ``skipped``
     every BatchNorm left, with the reason. The math is in
@@ -92,27 +103,21 @@ def fold_batchnorm(model: nn.Module | ExportedProgram, *, inplace: bool = False,
         result = fold_exported_program(model, inplace=inplace, forward=forward,
                                        weight_standardization=weight_standardization)
         if merge_branches:
-            result.skipped.append(Skip(MERGE_PASS_NAME, (), "branch merging works on nn.Module models, not on an "
-                                       "ExportedProgram: fold the module, or merge before exporting"))
+            # the folded program is already a new one (or the caller's, with inplace): merge it in place
+            merged = merge_program(result.program, inplace=True)
+            result = ExportedPassResult(
+                module=merged.module, program=merged.program, changes=result.changes + merged.changes,
+                skipped=_without_merged(result.skipped + merged.skipped, merged.changes),
+                metrics={**result.metrics, **{f"{MERGE_PASS_NAME}.{k}": v for k, v in merged.metrics.items()
+                                              if k != "graph_source"}})
         return result
     # the bake pass scans every module and parameter: run it only where there is something to bake
     bake = weight_standardization and any(is_weight_standardized_conv(m) for m in model.modules())
-    try:
-        result = PassManager(fold_passes(example_inputs=example_inputs, forward=forward,
-                                         weight_standardization=bake, merge_branches=merge_branches))(
-            model, inplace=inplace)
-    except PassError as exc:
-        # a user error (inputs that do not fit, a model no tracer reads) already names its fix and carries
-        # its exit code: hand it on as raised, not as a failure of the pass
-        if isinstance(exc.__cause__, NormfoldError) and not isinstance(exc.__cause__, PassError):
-            raise exc.__cause__ from None
-        raise
+    result = PassManager(fold_passes(example_inputs=example_inputs, forward=forward,
+                                     weight_standardization=bake, merge_branches=merge_branches))(
+        model, inplace=inplace)
     if merge_branches:
-        # a BatchNorm the folds left (an identity branch, a BatchNorm after an add) and the merge then took
-        # into a merged conv is not "left alone": drop its fold skip
-        merged = {p for c in result.changes if c.pass_name == MERGE_PASS_NAME for p in c.paths}
-        result.skipped = [s for s in result.skipped
-                          if not (s.pass_name != MERGE_PASS_NAME and s.paths and set(s.paths) <= merged)]
+        result.skipped = _without_merged(result.skipped, result.changes)
     # PassManager keys metrics by pass; which graph the folds were read from is the result's own fact
     source = result.metrics.get(f"{FoldBatchNormModules.name}.graph_source")
     if source is not None:
