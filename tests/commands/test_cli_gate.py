@@ -66,11 +66,8 @@ def test_torchvision_state_dict_is_folded_in_eval(tmp_path: Path, capsys) -> Non
     assert "folded 20 BatchNorm layer(s), left 0 alone" in stdout.splitlines()[-1]
     folded = nf.load(out, arch="torchvision.models:resnet18")
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        ref = model.eval()(x)
-        got = folded.eval()(x)
-    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+    v = nf.verify(model, folded, (torch.randn(2, 3, 32, 32),))
+    assert v.passed, v.describe()
     # inspect counts what can be folded in eval, too
     code, stdout, err = run_cli(["inspect", str(src), "--arch", "torchvision.models:resnet18", "--input-shape",
                                  "1,3,32,32", "-q"], capsys)
@@ -296,10 +293,8 @@ def test_piecewise_folds_are_exact_on_both_branches() -> None:
     skipped = {s.paths[0]: s.reason for s in r.skipped}
     assert "does not trace" in skipped["<model>"] and "not run" in skipped["b"]
     for shift in (5.0, -5.0):  # one input takes branch a, the other branch b
-        xi = torch.randn(2, 3, 16, 16) + shift
-        with torch.no_grad():
-            ref, got = model(xi), r.module(xi)
-        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+        v = nf.verify(model, r.module, (torch.randn(2, 3, 16, 16) + shift,))
+        assert v.passed, v.describe()
 
 
 @pytest.fixture
@@ -364,8 +359,8 @@ def test_pass_manager_runs_the_public_pass_functions() -> None:
     x = torch.randn(2, 3, 32, 32)
     r = nf.PassManager([functools.partial(nf.fold_batchnorm, example_inputs=(x,)), nf.freeze_batchnorm])(model)
     assert [c.pass_name for c in r.changes].count("freeze_batchnorm") == 1  # the BN fold left alone
-    with torch.no_grad():
-        assert (r.module(x) - model(x)).abs().max() <= 1e-4
+    v = nf.verify(model, r.module, (x,))
+    assert v.passed, v.describe()
 
 
 def test_export_result_repr_is_one_short_line() -> None:
