@@ -72,10 +72,11 @@ from typing import Any, Callable
 import torch
 import torch.fx
 from torch import nn
+from torch.export import ExportedProgram
 from torch.nn import functional as F
 
 from normfold.graph import eval_mode, is_leaf_type
-from normfold.norms import batchnorm_affine, batchnorm_remnant, is_batchnorm, set_submodule
+from normfold.norms import BatchNormAffine, batchnorm_affine, batchnorm_remnant, is_batchnorm, set_submodule
 from normfold.passes.base import Change, Pass, PassResult, Skip
 from normfold.passes.merge_modules import merged_block_module
 
@@ -403,6 +404,57 @@ class _Const:
     value: Any
 
 
+def conv_term(weight: torch.Tensor, bias: torch.Tensor | None, *, stride: Any, padding: Any, dilation: Any,
+              groups: int, node: torch.fx.Node, root: torch.fx.Node, path: str) -> _Term:
+    """The term of a zero-padded ``conv(root; weight, bias)`` (``padding`` as ints, or ``"same"`` / ``"valid"``).
+
+    Both readers build conv terms here: the module pass from a ``ConvNd`` module, the program pass
+    from an ``aten.conv*d`` / ``aten.convolution`` op and its parameters.
+    """
+    rank = weight.dim() - 2
+    k, dil, stride = tuple(weight.shape[2:]), _tuple(dilation, rank), _tuple(stride, rank)
+    if padding == "valid":
+        lo = hi = (0,) * rank
+    elif padding == "same":
+        total = [d * (kk - 1) for d, kk in zip(dil, k)]
+        lo, hi = tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
+    else:
+        lo = hi = _tuple(padding, rank)
+    # the weight stays as it is until an op needs it in float64 (:func:`_f64`): most convs never merge,
+    # and a float64 copy of every weight would double a large model's memory
+    w = weight.detach()
+    b = bias.detach().double().cpu() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    return _Term(root=root, weight=w, bias=b, groups=int(groups), rank=rank, stride=stride,
+                 dilation=dil, lo=lo, hi=hi, nodes=[node], paths=[path], convs=1, cost=w.numel() / math.prod(stride),
+                 dtype=weight.dtype, device=weight.device, requires_grad=weight.requires_grad)
+
+
+def batchnorm_term(aff: BatchNormAffine, rank: int | None, *, dtype: torch.dtype, device: torch.device,
+                   node: torch.fx.Node, root: torch.fx.Node, path: str) -> _Term | _Barrier:
+    """The diagonal term ``W[c, 0] = s_c``, ``b = t`` of an eval BatchNorm's affine (groups = C)."""
+    c = aff.scale.numel()
+    t = _Term(root=root, weight=aff.scale.reshape(c, 1).cpu(), bias=aff.shift.cpu(), groups=c, rank=None,
+              nodes=[node], paths=[path], cost=float(c), dtype=dtype, device=device)
+    r = _with_rank(t, rank)
+    return r if isinstance(r, _Term) else _Barrier(r)
+
+
+def pool_term(kernel: Any, stride: Any, padding: Any, *, rank: int, ceil_mode: bool, count_include_pad: bool,
+              divisor_override: int | None, node: torch.fx.Node, root: torch.fx.Node, path: str) -> _Term | _Barrier:
+    """An average pool as the uniform depthwise kernel ``1/prod(k)`` (zero padding counted, no ceil mode)."""
+    if ceil_mode:
+        return _Barrier(f"{path} uses ceil_mode (its last window is not a fixed kernel)")
+    k = _tuple(kernel, rank)
+    stride = _tuple(stride if stride else kernel, rank)  # no stride (None, [] in ATen) is the kernel
+    pad = _tuple(padding, rank)
+    if any(pad) and not count_include_pad:
+        return _Barrier(f"{path} excludes padding from its average (the border divisor varies)")
+    w = torch.full((1, 1, *k), 1.0 / (divisor_override or math.prod(k)), dtype=torch.float64)
+    return _Term(root=root, weight=w, bias=torch.zeros(1, dtype=torch.float64), groups=None, rank=rank,
+                 stride=stride, dilation=(1,) * rank, lo=pad, hi=pad, nodes=[node], paths=[path],
+                 uniform_cost=math.prod(k) / math.prod(stride))
+
+
 def _module_term(m: nn.Module, path: str, node: torch.fx.Node, root: torch.fx.Node) -> _Term | _Barrier | None:
     """The term of module ``m`` applied to ``root``; None for a pass-through (Identity, eval Dropout)."""
     if m._forward_hooks or m._forward_pre_hooks:
@@ -415,21 +467,8 @@ def _module_term(m: nn.Module, path: str, node: torch.fx.Node, root: torch.fx.No
     if isinstance(m, nn.modules.conv._ConvNd) and rank is not None and not m.transposed:
         if m.padding_mode != "zeros":
             return _Barrier(f"{path} pads with {m.padding_mode!r}, not zeros")
-        k, dil, stride = tuple(m.kernel_size), tuple(m.dilation), tuple(m.stride)
-        if m.padding == "valid":
-            lo = hi = (0,) * rank
-        elif m.padding == "same":
-            total = [d * (kk - 1) for d, kk in zip(dil, k)]
-            lo, hi = tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
-        else:
-            lo = hi = tuple(m.padding)
-        # the weight stays as it is until an op needs it in float64 (:func:`_f64`): most convs never merge,
-        # and a float64 copy of every weight would double a large model's memory
-        w = m.weight.detach()
-        b = m.bias.detach().double().cpu() if m.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-        return _Term(root=root, weight=w, bias=b, groups=m.groups, rank=rank, stride=stride,
-                     dilation=dil, lo=lo, hi=hi, nodes=[node], paths=[path], convs=1, cost=w.numel() / math.prod(stride),
-                     dtype=m.weight.dtype, device=m.weight.device, requires_grad=m.weight.requires_grad)
+        return conv_term(m.weight, m.bias, stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
+                         node=node, root=root, path=path)
     if is_batchnorm(m):
         aff = batchnorm_affine(m)
         if isinstance(aff, str):
@@ -438,26 +477,13 @@ def _module_term(m: nn.Module, path: str, node: torch.fx.Node, root: torch.fx.No
             return _Barrier(f"{path} applies an activation after normalizing", nonlinear=True)
         rank = {nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(next((c for c in type(m).__mro__ if c in
                                                                (nn.BatchNorm2d, nn.BatchNorm3d)), None))
-        c = aff.scale.numel()
-        w = aff.scale.reshape(c, 1).cpu()
-        t = _Term(root=root, weight=w, bias=aff.shift.cpu(), groups=c, rank=None, nodes=[node], paths=[path],
-                  cost=float(c), dtype=m.running_mean.dtype, device=m.running_mean.device)
-        r = _with_rank(t, rank)
-        return r if isinstance(r, _Term) else _Barrier(r)
+        return batchnorm_term(aff, rank, dtype=m.running_mean.dtype, device=m.running_mean.device, node=node,
+                              root=root, path=path)
     pool_rank = next((r for cls, r in _POOLS.items() if type(m) is cls), None)
     if pool_rank is not None:
-        if m.ceil_mode:
-            return _Barrier(f"{path} uses ceil_mode (its last window is not a fixed kernel)")
-        k = _tuple(m.kernel_size, pool_rank)
-        stride = _tuple(m.stride if m.stride else m.kernel_size, pool_rank)
-        pad = _tuple(m.padding, pool_rank)
-        if any(pad) and not m.count_include_pad:
-            return _Barrier(f"{path} excludes padding from its average (the border divisor varies)")
-        div = getattr(m, "divisor_override", None) or math.prod(k)
-        w = torch.full((1, 1, *k), 1.0 / div, dtype=torch.float64)
-        return _Term(root=root, weight=w, bias=torch.zeros(1, dtype=torch.float64), groups=None, rank=pool_rank,
-                     stride=stride, dilation=(1,) * pool_rank, lo=pad, hi=pad, nodes=[node], paths=[path],
-                     uniform_cost=math.prod(k) / math.prod(stride))
+        return pool_term(m.kernel_size, m.stride, m.padding, rank=pool_rank, ceil_mode=m.ceil_mode,
+                         count_include_pad=m.count_include_pad,
+                         divisor_override=getattr(m, "divisor_override", None), node=node, root=root, path=path)
     if type(m).__module__ == nn.modules.activation.__name__:
         return _Barrier(f"{path} ({type(m).__name__}) is not linear", nonlinear=True)
     return _Barrier(f"{path} ({type(m).__name__}) is not an op this pass merges "
@@ -465,7 +491,10 @@ def _module_term(m: nn.Module, path: str, node: torch.fx.Node, root: torch.fx.No
 
 
 def _tuple(v: Any, n: int) -> tuple[int, ...]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * n
+    """An int or a sequence as an ``n``-tuple (one value repeated; a symbolic int read as its traced value)."""
+    if isinstance(v, (tuple, list)):
+        return tuple(int(x) for x in v) if len(v) == n else tuple(int(v[0]) for _ in range(n))
+    return (int(v),) * n
 
 
 def _per_channel(value: Any, rank: int | None) -> tuple[torch.Tensor, int | None] | str:
@@ -527,13 +556,16 @@ def _is_inplace(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
-class _BlockAnalysis:
-    """Terms of every node of one traced block, and the regions worth one conv."""
+class _Analysis:
+    """Terms of every node of one graph, and the regions worth one conv.
 
-    def __init__(self, graph: torch.fx.Graph, root: nn.Module, block_path: str) -> None:
-        self.root = root
-        self.block_path = block_path
-        self.modules = dict(root.named_modules())
+    The rules that combine terms (adds, scales, an op applied to a term, why an add was not merged)
+    live here, once; a reader subclass says what each node of its IR is: :class:`_BlockAnalysis`
+    reads torch.fx graphs of modules, :class:`normfold.passes.merge_program._ProgramAnalysis` the
+    ATen graph of an ExportedProgram.
+    """
+
+    def __init__(self, graph: torch.fx.Graph) -> None:
         self.status: dict[torch.fx.Node, _Term | _Barrier | _Const] = {}
         self.skips: list[tuple[tuple[str, ...], str]] = []
         #: the add node of each skip (its scope names the block to report it at)
@@ -541,12 +573,26 @@ class _BlockAnalysis:
         for node in graph.nodes:
             self.status[node] = self._visit(node)
 
+    # -- what the reader says ------------------------------------------------------------------------
+    def _visit(self, node: torch.fx.Node) -> _Term | _Barrier | _Const:
+        raise NotImplementedError
+
+    def _where(self, node: torch.fx.Node) -> str:
+        """The block a refusal at ``node`` is reported at."""
+        raise NotImplementedError
+
+    def _layer_path(self, node: torch.fx.Node) -> str | None:
+        """The module path of a layer node (conv, BatchNorm, pool...), named in a refusal; None for other ops."""
+        raise NotImplementedError
+
+    def _weighted(self, node: torch.fx.Node) -> int:
+        """Weighted layers (conv, linear) a path node stands for: a merged term's convs, an opaque module's."""
+        raise NotImplementedError
+
+    # -- the shared rules -----------------------------------------------------------------------------
     def _skip(self, node: torch.fx.Node, paths: tuple[str, ...], reason: str) -> None:
         self.skips.append((paths, reason))
         self.skip_nodes.append(node)
-
-    def _path(self, target: str) -> str:
-        return f"{self.block_path}.{target}" if self.block_path else target
 
     # an operand as a term: its own term when this user is its only reader, else the identity of it
     def _operand(self, node: torch.fx.Node) -> _Term:
@@ -555,57 +601,17 @@ class _BlockAnalysis:
             return replace(st, inputs=[node])
         return _identity(node)
 
-    def _visit(self, node: torch.fx.Node) -> _Term | _Barrier | _Const:
-        if node.op == "get_attr":
-            return _Const(_fetch(self.root, node.target))
-        if node.op in ("placeholder", "output"):
-            return _Barrier(node.op)
-        args = [a for a in node.args]
-        tensor_args = [a for a in args if isinstance(a, torch.fx.Node) and not isinstance(self.status.get(a), _Const)]
-        if node.op in ("call_function", "call_method") and not tensor_args and not node.kwargs:
-            const = self._const(node)
-            if const is not None:
-                return const
-        if node.op == "call_module":
-            if len(args) != 1 or node.kwargs or not isinstance(args[0], torch.fx.Node):
-                return _Barrier(f"{self._path(node.target)} takes more than one input")
-            m = self.modules[node.target]
-            op = _module_term(m, self._path(node.target), node, args[0])
-            if isinstance(op, _Barrier):
-                return op
-            inner = self._operand(args[0])
-            if op is None:  # pass-through: the node is its input
-                return replace(inner, nodes=inner.nodes + [node])
-            if not inner.nodes:  # straight on a root
-                return op
-            out = _compose(op, inner)
-            if isinstance(out, str):
-                return replace(op, root=args[0], refusal=out)
-            return replace(out, nodes=out.nodes, inputs=[args[0]])
-        target = node.target
-        if node.op in ("call_function", "call_method") and not node.kwargs:
-            if (target in _ADD or target in _SUB) and len(args) == 2:
-                return self._add(node, args[0], args[1], -1.0 if target in _SUB else 1.0)
-            if (target in _MUL or target in _DIV) and len(args) == 2:
-                return self._mul(node, args[0], args[1], div=target in _DIV)
-            if target in _NEG and len(args) == 1 and isinstance(args[0], torch.fx.Node):
-                return self._mul(node, args[0], -1.0, div=False)
-        name = getattr(target, "__name__", str(target))
-        return _Barrier(f"{name} is not one of the linear ops this pass merges", nonlinear=True)
-
-    def _const(self, node: torch.fx.Node) -> _Const | None:
-        ok = (node.op == "call_method" and node.target in _CONST_METHODS) or \
-             (node.op == "call_function" and node.target in _CONST_FUNCTIONS)
-        if not ok:
-            return None
-        vals = [self.status[a].value if isinstance(a, torch.fx.Node) else a for a in node.args]
-        try:
-            with torch.no_grad():
-                if node.op == "call_method":
-                    return _Const(getattr(vals[0], node.target)(*vals[1:]))
-                return _Const(node.target(*vals))
-        except Exception:  # not computable here (a shape that only the real input has): not a constant
-            return None
+    def _apply(self, node: torch.fx.Node, op: _Term | None, source: torch.fx.Node) -> _Term:
+        """The term of ``node`` = the layer term ``op`` (None: a pass-through) applied to ``source``."""
+        inner = self._operand(source)
+        if op is None:  # pass-through: the node is its input
+            return replace(inner, nodes=inner.nodes + [node])
+        if not inner.nodes:  # straight on a root
+            return op
+        out = _compose(op, inner)
+        if isinstance(out, str):
+            return replace(op, root=source, refusal=out)
+        return replace(out, nodes=out.nodes, inputs=[source])
 
     def _value_or_term(self, a: Any) -> Any:
         if isinstance(a, torch.fx.Node):
@@ -649,7 +655,7 @@ class _BlockAnalysis:
         out = _add(ta, tb, sign)
         if isinstance(out, str):
             paths = tuple(ta.paths + tb.paths)
-            self._skip(node, (self.block_path or "<model>",) + paths, f"branches not merged: {out}")
+            self._skip(node, (self._where(node),) + paths, f"branches not merged: {out}")
             return _Barrier(out)
         # the add itself is an elementwise op the merged conv replaces
         return replace(out, nodes=out.nodes + [node], cost=out.cost + (out.cout or 0) / math.prod(out.stride or (1,)))
@@ -686,11 +692,11 @@ class _BlockAnalysis:
         fork = next((n for n in chain_a if n in chain_b), None)
         if fork is None:
             return
-        where = self.block_path or "<model>"
+        where = self._where(node)
         found: list[tuple[tuple[str, ...], str]] = []
         for chain in (chain_a, chain_b):
             path = chain[:chain.index(fork)]
-            modules = tuple(self._path(n.target) for n in path if n.op == "call_module")
+            modules = tuple(p for n in path if (p := self._layer_path(n)) is not None)
             weighted = sum(self._weighted(n) for n in path)
             barriers = [self.status[n] for n in path if isinstance(self.status.get(n), _Barrier)]
             barriers += [_Barrier(st.refusal) for n in path
@@ -708,19 +714,6 @@ class _BlockAnalysis:
                 found.append(((where, *modules), f"a branch was left: {barriers[0].reason}"))
         if found:
             self._skip(node, *found[0])
-
-    def _weighted(self, node: torch.fx.Node) -> int:
-        """Weighted layers (conv, linear) a path node stands for: a merged term's convs, an opaque module's."""
-        st = self.status.get(node)
-        if isinstance(st, _Term):
-            return st.convs
-        if node.op == "call_module":
-            m = self.modules[node.target]
-            if isinstance(st, _Barrier) and not is_batchnorm(m) and not isinstance(m, nn.modules.conv._ConvNd) \
-                    and any(True for _ in m.parameters()):
-                return 3  # an opaque module with weights (attention, an MLP): never one branch of a block
-            return sum(isinstance(sub, (nn.modules.conv._ConvNd, nn.Linear)) for sub in m.modules())
-        return 0
 
     def _chain(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         """``node`` and its producers up through one-input ops (constants aside), nearest first."""
@@ -740,6 +733,82 @@ class _BlockAnalysis:
         return chain
 
 
+class _BlockAnalysis(_Analysis):
+    """The torch.fx reader: terms of every node of one traced block (modules, functions, methods)."""
+
+    def __init__(self, graph: torch.fx.Graph, root: nn.Module, block_path: str) -> None:
+        self.root = root
+        self.block_path = block_path
+        self.modules = dict(root.named_modules())
+        super().__init__(graph)
+
+    def _path(self, target: str) -> str:
+        return f"{self.block_path}.{target}" if self.block_path else target
+
+    def _where(self, node: torch.fx.Node) -> str:
+        return self.block_path or "<model>"
+
+    def _layer_path(self, node: torch.fx.Node) -> str | None:
+        return self._path(node.target) if node.op == "call_module" else None
+
+    def _visit(self, node: torch.fx.Node) -> _Term | _Barrier | _Const:
+        if node.op == "get_attr":
+            return _Const(_fetch(self.root, node.target))
+        if node.op in ("placeholder", "output"):
+            return _Barrier(node.op)
+        args = [a for a in node.args]
+        tensor_args = [a for a in args if isinstance(a, torch.fx.Node) and not isinstance(self.status.get(a), _Const)]
+        if node.op in ("call_function", "call_method") and not tensor_args and not node.kwargs:
+            const = self._const(node)
+            if const is not None:
+                return const
+        if node.op == "call_module":
+            if len(args) != 1 or node.kwargs or not isinstance(args[0], torch.fx.Node):
+                return _Barrier(f"{self._path(node.target)} takes more than one input")
+            m = self.modules[node.target]
+            op = _module_term(m, self._path(node.target), node, args[0])
+            if isinstance(op, _Barrier):
+                return op
+            return self._apply(node, op, args[0])
+        target = node.target
+        if node.op in ("call_function", "call_method") and not node.kwargs:
+            if (target in _ADD or target in _SUB) and len(args) == 2:
+                return self._add(node, args[0], args[1], -1.0 if target in _SUB else 1.0)
+            if (target in _MUL or target in _DIV) and len(args) == 2:
+                return self._mul(node, args[0], args[1], div=target in _DIV)
+            if target in _NEG and len(args) == 1 and isinstance(args[0], torch.fx.Node):
+                return self._mul(node, args[0], -1.0, div=False)
+        name = getattr(target, "__name__", str(target))
+        return _Barrier(f"{name} is not one of the linear ops this pass merges", nonlinear=True)
+
+    def _const(self, node: torch.fx.Node) -> _Const | None:
+        ok = (node.op == "call_method" and node.target in _CONST_METHODS) or \
+             (node.op == "call_function" and node.target in _CONST_FUNCTIONS)
+        if not ok:
+            return None
+        vals = [self.status[a].value if isinstance(a, torch.fx.Node) else a for a in node.args]
+        try:
+            with torch.no_grad():
+                if node.op == "call_method":
+                    return _Const(getattr(vals[0], node.target)(*vals[1:]))
+                return _Const(node.target(*vals))
+        except Exception:  # not computable here (a shape that only the real input has): not a constant
+            return None
+
+    def _weighted(self, node: torch.fx.Node) -> int:
+        """Weighted layers (conv, linear) a path node stands for: a merged term's convs, an opaque module's."""
+        st = self.status.get(node)
+        if isinstance(st, _Term):
+            return st.convs
+        if node.op == "call_module":
+            m = self.modules[node.target]
+            if isinstance(st, _Barrier) and not is_batchnorm(m) and not isinstance(m, nn.modules.conv._ConvNd) \
+                    and any(True for _ in m.parameters()):
+                return 3  # an opaque module with weights (attention, an MLP): never one branch of a block
+            return sum(isinstance(sub, (nn.modules.conv._ConvNd, nn.Linear)) for sub in m.modules())
+        return 0
+
+
 def _scope(node: torch.fx.Node) -> str:
     """The module whose ``forward`` made ``node`` (a module call: the module that called it)."""
     if node.op == "call_module":
@@ -748,9 +817,9 @@ def _scope(node: torch.fx.Node) -> str:
     return next(reversed(stack.values()))[0] if stack else ""
 
 
-def _common_scope(nodes: set[torch.fx.Node]) -> str:
-    """The innermost module whose call made all of ``nodes``."""
-    parts = [p.split(".") if p else [] for p in map(_scope, nodes)]
+def _common_scope(nodes: set[torch.fx.Node], scope: Callable[[torch.fx.Node], str] = _scope) -> str:
+    """The innermost module whose call made all of ``nodes`` (``scope`` reads one node's module)."""
+    parts = [p.split(".") if p else [] for p in map(scope, nodes)]
     common = []
     for level in zip(*parts):
         if len(set(level)) != 1:
@@ -925,14 +994,7 @@ class _MergeRun:
         analysis = _BlockAnalysis(graph, block, path)
         skips = list(analysis.skips)
         changes: list[Change] = []
-        tops = []
-        absorbed: set[torch.fx.Node] = set()
-        for node, st in analysis.status.items():
-            if isinstance(st, _Term):
-                absorbed.update(n for n in st.nodes if n is not node)
-        for node, st in analysis.status.items():
-            if isinstance(st, _Term) and node not in absorbed:
-                tops.append(node)
+        tops = region_tops(analysis)
         if not any(st.merges or st.convs >= 2 for st in map(analysis.status.get, tops)):
             return changes, skips, None
         # the GraphModule shares the graph's nodes: the analysis stays valid for it
@@ -954,8 +1016,8 @@ class _MergeRun:
                      changes: list[Change], skips: list[tuple[tuple[str, ...], str]]) -> None:
         t = analysis.status[node]
         assert isinstance(t, _Term)
-        if not (t.merges or t.convs >= 2) or not t.paths:
-            return  # nothing to merge, or only identities and constants (``x + x`` stays as written)
+        if not worth_merging(t):
+            return
         inner_scope = _common_scope(set(t.nodes) | {node})
         if inner_scope and (f"{path}.{inner_scope}" if path else inner_scope) in self._traced:
             return  # a deeper block holds this region; it merged there or was left with its reason
@@ -968,31 +1030,12 @@ class _MergeRun:
                 if inner is not node and isinstance(analysis.status.get(inner), _Term):
                     self._materialize(gm, analysis, inner, path, changes, skips)
 
-        if t.uniform or t.dtype is None:
-            info = self._input_info(t.root, analysis.modules, path)
-            if info is None:
-                return fall_back("the channel count of the branches' input is not known "
-                                 "(pass example_inputs)")
-            t = _with_channels(t, info[0])
-            if isinstance(t, str):
-                return fall_back(t)
-            t = replace(t, dtype=t.dtype or info[1], device=t.device or info[2])
-        if t.rank is None:
-            return fall_back("no op of the region fixes its spatial rank (a conv, 2d/3d BatchNorm or pool)")
-        if t.lo != t.hi:
-            return fall_back(f"the merged conv would need padding {t.lo} before and {t.hi} after")
-        # the merged conv must not cost more than what it replaces (a dense 1x1 after a depthwise kxk)
-        if t.conv_macs() > t.cost * (1 + 1e-9) + 1e-9:
-            return fall_back(f"one conv would cost {t.conv_macs():.0f} multiply-adds per input pixel, the branches "
-                             f"{t.cost:.0f}" if t.merges else None)
-        for user in t.root.users:
-            if user not in t.nodes and _is_inplace(user, analysis.modules):
-                return fall_back(f"{user.name} modifies the branches' input in place")
-        if t.dtype is None or not t.dtype.is_floating_point:
-            return fall_back("no floating-point parameter to take the dtype from")
+        ready = mergeable(t, lambda: self._input_info(t.root, analysis.modules, path),
+                          lambda user: _is_inplace(user, analysis.modules))
+        if not isinstance(ready, _Term):
+            return fall_back(ready)
+        t = ready
         w32 = t.weight.to(t.dtype)
-        if not torch.isfinite(w32).all() or not torch.isfinite(t.bias.to(t.dtype)).all():
-            return fall_back(f"the merged weights overflow {t.dtype}")
         cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[t.rank]
         conv = cls(t.cin, t.cout, t.kernel, stride=t.stride, padding=t.lo, dilation=t.dilation, groups=t.groups,
                    bias=True, device=t.device, dtype=t.dtype)
@@ -1021,6 +1064,55 @@ class _MergeRun:
                      "branches": t.branches}))
 
 
+def region_tops(analysis: _Analysis) -> list[torch.fx.Node]:
+    """The nodes whose terms no other term absorbed, in graph order: each one a region to write as one conv."""
+    absorbed: set[torch.fx.Node] = set()
+    for node, st in analysis.status.items():
+        if isinstance(st, _Term):
+            absorbed.update(n for n in st.nodes if n is not node)
+    return [node for node, st in analysis.status.items() if isinstance(st, _Term) and node not in absorbed]
+
+
+def worth_merging(t: _Term) -> bool:
+    """Something merges: branches added, or convs composed (``x + x`` and identities alone stay as written)."""
+    return bool((t.merges or t.convs >= 2) and t.paths)
+
+
+def mergeable(t: _Term, input_info: Callable[[], tuple[int, torch.dtype, torch.device] | None],
+              modifies_in_place: Callable[[torch.fx.Node], bool]) -> _Term | str | None:
+    """``t`` ready to be written as one conv (channels, dtype and device known), or why it is not.
+
+    A string is a refusal to report; None leaves the region without a word (a composition that does
+    not pay off and merged nothing). ``input_info`` gives (channels, dtype, device) of the region's
+    input when no op of the region does; ``modifies_in_place`` tells an op that writes its input.
+    Both the module and the program pass decide here.
+    """
+    if t.uniform or t.dtype is None:
+        info = input_info()
+        if info is None:
+            return "the channel count of the branches' input is not known (pass example_inputs)"
+        t2 = _with_channels(t, info[0])
+        if isinstance(t2, str):
+            return t2
+        t = replace(t2, dtype=t2.dtype or info[1], device=t2.device or info[2])
+    if t.rank is None:
+        return "no op of the region fixes its spatial rank (a conv, 2d/3d BatchNorm or pool)"
+    if t.lo != t.hi:
+        return f"the merged conv would need padding {t.lo} before and {t.hi} after"
+    # the merged conv must not cost more than what it replaces (a dense 1x1 after a depthwise kxk)
+    if t.conv_macs() > t.cost * (1 + 1e-9) + 1e-9:
+        return (f"one conv would cost {t.conv_macs():.0f} multiply-adds per input pixel, the branches "
+                f"{t.cost:.0f}" if t.merges else None)
+    for user in t.root.users:
+        if user not in t.nodes and modifies_in_place(user):
+            return f"{user.name} modifies the branches' input in place"
+    if t.dtype is None or not t.dtype.is_floating_point:
+        return "no floating-point parameter to take the dtype from"
+    if not torch.isfinite(t.weight.to(t.dtype)).all() or not torch.isfinite(t.bias.to(t.dtype)).all():
+        return f"the merged weights overflow {t.dtype}"
+    return t
+
+
 def _free_name(gm: nn.Module, base: str) -> str:
     name, i = base, 1
     while hasattr(gm, name):
@@ -1028,7 +1120,8 @@ def _free_name(gm: nn.Module, base: str) -> str:
     return name
 
 
-def merge_branches(model: nn.Module, *, inplace: bool = False, example_inputs: Any = None) -> PassResult:
+def merge_branches(model: nn.Module | ExportedProgram, *, inplace: bool = False,
+                   example_inputs: Any = None) -> PassResult:
     """Merge the parallel linear branches of re-parameterizable blocks into one conv each.
 
     Where several branches read the same tensor and meet at an add (chains of adds, ``sum`` of a
@@ -1043,5 +1136,14 @@ def merge_branches(model: nn.Module, *, inplace: bool = False, example_inputs: A
     (an identity plus an avg-pool, nothing else). Returns a :class:`PassResult` whose ``changes``
     name each merged block and its merged modules and whose ``skipped`` give the reason for every
     branch set left alone.
+
+    Given a ``torch.export.ExportedProgram``, merges at the ATen level
+    (:mod:`normfold.passes.merge_program`, the same algebra) and returns an
+    :class:`~normfold.passes.fold.program_pass.ExportedPassResult` whose ``program`` is the merged
+    program; ``example_inputs`` is not needed there (every node carries its shape).
     """
+    if isinstance(model, ExportedProgram):
+        from normfold.passes.merge_program import merge_program  # the program pass imports this module
+
+        return merge_program(model, inplace=inplace)
     return MergeBranches(example_inputs=example_inputs)(model, inplace=inplace)

@@ -1,8 +1,8 @@
 """fold_batchnorm(merge_branches=True): the folds, then the branch merge, as one pass list and one command.
 
 The merge rules themselves are tested in test_merge_branches.py; here, what the wiring adds: one call
-folds and merges, a BatchNorm the merge took is not reported as left alone, the .pt2 path says it does
-not merge, and `normfold fold --merge-branches` writes a model that loads back with the same outputs.
+folds and merges, a BatchNorm the merge took is not reported as left alone, the .pt2 path merges too,
+and `normfold fold --merge-branches` writes a model that loads back with the same outputs.
 """
 
 from __future__ import annotations
@@ -40,12 +40,14 @@ def test_fold_then_merge_in_one_call_leaves_no_batchnorm_and_no_stale_skip():
     assert _bn_count(model) > 0  # inplace=False: the input is untouched
 
 
-def test_exported_program_says_it_does_not_merge():
+def test_exported_program_folds_and_merges():
+    """The .pt2 path merges too (tests/passes/test_merge_program.py tests it in full)."""
     model = _model()
     x = _x(1, 3, 12, 12)
     program = torch.export.export(model, x, strict=False)
     r = nf.fold_batchnorm(program, merge_branches=True)
-    assert any(s.pass_name == "merge_branches" and "ExportedProgram" in s.reason for s in r.skipped)
+    assert [c.details["block"] for c in r.changes if c.action == "merge_branches"] == ["body.0", "body.1", "body.2"]
+    assert not r.skipped and nf.verify(model, r.program.module(), x).passed
 
 
 def test_cli_fold_merge_branches_on_a_timm_state_dict_writes_a_pt2_that_matches(tmp_path: Path, capsys):

@@ -14,6 +14,7 @@ state_dict, constants) and writes tensors back by placeholder.
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,11 +164,17 @@ class EditableProgram:
         else:
             self.constants[s.target] = new
 
-    def _fake(self, value: torch.Tensor) -> Any:
-        """``value`` as a fake tensor of the graph's fake mode, for a new placeholder's ``val`` metadata."""
+    @functools.cached_property
+    def _fake_mode(self) -> Any:
+        """The graph's fake mode, searched once (every node's value comes from it; a search per new
+        parameter made folding a program with hundreds of BatchNorms quadratic)."""
         from torch._guards import detect_fake_mode
 
-        mode = detect_fake_mode([n.meta.get("val") for n in self.graph.nodes if n.meta.get("val") is not None])
+        return detect_fake_mode([n.meta.get("val") for n in self.graph.nodes if n.meta.get("val") is not None])
+
+    def _fake(self, value: torch.Tensor) -> Any:
+        """``value`` as a fake tensor of the graph's fake mode, for a new placeholder's ``val`` metadata."""
+        mode = self._fake_mode
         if mode is None:
             return value
         return mode.from_tensor(value, static_shapes=True)
