@@ -248,6 +248,7 @@ def test_recalibration_recovers_eval_outputs_on_the_new_domain() -> None:
     with torch.no_grad():
         r.model.eval()(x)
     z = feats["bn1"].transpose(0, 1).reshape(8, -1)
+    # a statistical property of the features (standardized per channel), not a comparison of two models
     assert z.mean(1).abs().max() < 1e-4 and (z.var(1) - 1).abs().max() < 1e-3
 
 
@@ -263,7 +264,7 @@ def test_shift_reports_how_far_the_domain_moved() -> None:
     assert 2.8 < s.mean_shift < 3.2 and 1.2 < s.var_shift < 1.6  # ln(4) = 1.39
     # the same data again: nothing moves
     again = recalibrate(r.model, x, progress=False)
-    assert again.shifts[0].mean_shift < 1e-6 and again.shifts[0].var_shift < 1e-5
+    assert again.shifts[0].mean_shift < 1e-6 and again.shifts[0].var_shift < 1e-5  # a reported metric at rounding level
     assert "mean moved" in str(r.changes[0]) and r.to_dict()["shifts"][0]["path"] == "<model>"
 
 
@@ -299,7 +300,7 @@ def test_syncbatchnorm_on_cpu_without_distributed_matches_plain_batchnorm() -> N
     for name in ("bn1", "bn2"):
         assert torch.equal(getattr(r_sync.model, name).running_mean, getattr(r_plain.model, name).running_mean)
     with torch.no_grad():
-        torch.testing.assert_close(r_sync.model.eval()(x), r_plain.model.eval()(x), rtol=0, atol=0)
+        assert torch.equal(r_sync.model.eval()(x), r_plain.model.eval()(x))  # bitwise: the same statistics
 
 
 def test_batchnorm_subclass_with_its_own_forward_runs_in_training_mode() -> None:
@@ -370,8 +371,8 @@ def test_every_data_form_gives_the_same_statistics() -> None:
     for form, r in runs.items():
         assert r.batches == 3, form
         for name, m in bn_layers(r.model).items():
-            assert torch.allclose(m.running_mean, bn_layers(expected.model)[name].running_mean, atol=1e-6), form
-            assert torch.allclose(m.running_var, bn_layers(expected.model)[name].running_var, atol=1e-6), form
+            assert TOL32.allclose(m.running_mean, bn_layers(expected.model)[name].running_mean), form
+            assert TOL32.allclose(m.running_var, bn_layers(expected.model)[name].running_var), form
 
 
 def test_tuple_and_dict_data_are_positional_and_keyword_arguments() -> None:
