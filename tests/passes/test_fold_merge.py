@@ -2,7 +2,8 @@
 
 The merge rules themselves are tested in test_merge_branches.py; here, what the wiring adds: one call
 folds and merges, a BatchNorm the merge took is not reported as left alone, the .pt2 path merges too,
-and `normfold fold --merge-branches` writes a model that loads back with the same outputs.
+and `normfold fold --merge-branches` writes a safetensors file (merged blocks are nn.Sequentials) that
+loads back with the same outputs and passes `normfold check`.
 """
 
 from __future__ import annotations
@@ -50,8 +51,12 @@ def test_exported_program_folds_and_merges():
     assert not r.skipped and nf.verify(model, r.program.module(), x).passed
 
 
-def test_cli_fold_merge_branches_on_a_timm_state_dict_writes_a_pt2_that_matches(tmp_path: Path, capsys):
-    """The README's command: `normfold fold model.pt --arch timm:mobileone_s0 --merge-branches -o model.pt2`."""
+def test_cli_fold_merge_branches_on_a_timm_state_dict_writes_safetensors_that_load_and_check(tmp_path: Path, capsys):
+    """The README's command: `normfold fold model.pt --arch timm:mobileone_s0 --merge-branches -o model.safetensors`.
+
+    Every merged block is an nn.Sequential (merge_modules), so the safe format writes it; the file
+    loads back without unpickling and `normfold check --candidate` passes it against the original.
+    """
     import timm
 
     from tests.conftest import randomize_bn_stats
@@ -59,15 +64,20 @@ def test_cli_fold_merge_branches_on_a_timm_state_dict_writes_a_pt2_that_matches(
     model = randomize_bn_stats(timm.create_model("mobileone_s0", pretrained=False), 0).eval()
     src = tmp_path / "model.pt"
     torch.save(model.state_dict(), src)
-    out = tmp_path / "model.pt2"
+    out = tmp_path / "model.safetensors"
     code, stdout, _ = run_cli(["fold", str(src), "--arch", "timm:mobileone_s0", "--merge-branches",
                                "--input-shape", "1,3,64,64", "-o", str(out), "-q"], capsys)
     assert code == 0, stdout
     last = stdout.strip().splitlines()[-1]
     assert "merged the branches of" in last and "left 0 alone" in last
-    program = torch.export.load(str(out))
+    code, stdout, _ = run_cli(["check", str(src), "--arch", "timm:mobileone_s0", "--candidate", str(out),
+                               "--input-shape", "1,3,64,64", "--no-export", "--no-probes", "-q"], capsys)
+    assert code == 0, stdout
+    back = nf.load(out, arch="timm:mobileone_s0")
+    assert not any(isinstance(m, (nn.BatchNorm2d, torch.fx.GraphModule)) for m in back.modules())
+    assert "stem.merged_conv.weight" in back.state_dict()
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ref, got = model(x), program.module()(x)
+        ref, got = model(x), back(x)
     assert compare(ref, got).passed  # the one rule every command judges by
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 0  # the user's model is untouched
