@@ -26,6 +26,7 @@ Usage::
     python benchmarks/fold_counts.py                     # torchvision + the timm list of tests/zoo + extras
     python benchmarks/fold_counts.py --only timm --pt2   # a subset, with the .pt2 column
     python benchmarks/fold_counts.py levit_128s mixnet_s # named models (timm or torchvision)
+    python benchmarks/fold_counts.py --merge-only        # without the fuse / direct columns: quicker
 
 Prints one line per model as it goes, then the table and the totals (markdown).
 """
@@ -84,7 +85,7 @@ class Row:
     input: str = ""
     ops: int = 0
     fuse: int | str = 0
-    direct: int = 0
+    direct: int | str = 0
     normfold: int = 0
     through: int = 0
     forward: int = 0
@@ -140,7 +141,29 @@ def _records(result: nf.PassResult) -> set[tuple]:
     return {(c.action, c.paths) for c in result.changes}
 
 
-def measure(name: str, source: str, pt2: bool) -> Row:
+def _measure_fuse_and_direct(row: Row, model: nn.Module, x: tuple, ref: object, n_ref: int) -> None:
+    """The ``fuse`` and ``direct`` columns: what torch's fuse and normfold's direct fold alone remove."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        fused = fuse(model)
+        out_f, n_f = run_counting(fused, x)
+        if output_error(out_f, ref)[1] <= RTOL:
+            row.fuse = n_ref - n_f
+        else:
+            row.fuse, row.note = 0, f"fuse output wrong ({n_ref - n_f} folds not counted)"
+        del fused
+    except Exception as exc:
+        row.fuse, row.note = 0, f"fuse failed ({type(exc).__name__})"
+    gc.collect()
+
+    direct = nf.fold_batchnorm(model, example_inputs=x, forward=False, weight_standardization=False)
+    row.direct = n_ref - run_counting(direct.module, x)[1]
+    del direct
+    gc.collect()
+
+
+def measure(name: str, source: str, pt2: bool, merge_only: bool = False) -> Row:
     row = Row(name, source)
     build = _builder(name, source)
     with warnings.catch_warnings():
@@ -163,24 +186,10 @@ def measure(name: str, source: str, pt2: bool) -> Row:
     row.ops = n_ref
     row.conv = row.conv_merge = run_counting_ops(model, x)[2]
 
-    from torch.fx.experimental.optimization import fuse
-
-    try:
-        fused = fuse(model)
-        out_f, n_f = run_counting(fused, x)
-        if output_error(out_f, ref)[1] <= RTOL:
-            row.fuse = n_ref - n_f
-        else:
-            row.fuse, row.note = 0, f"fuse output wrong ({n_ref - n_f} folds not counted)"
-        del fused
-    except Exception as exc:
-        row.fuse, row.note = 0, f"fuse failed ({type(exc).__name__})"
-    gc.collect()
-
-    direct = nf.fold_batchnorm(model, example_inputs=x, forward=False, weight_standardization=False)
-    row.direct = n_ref - run_counting(direct.module, x)[1]
-    del direct
-    gc.collect()
+    if merge_only:  # the fuse and direct-fold columns do not depend on merging: a quicker run leaves them out
+        row.fuse = row.direct = "-"
+    else:
+        _measure_fuse_and_direct(row, model, x, ref, n_ref)
 
     try:
         merged = nf.fold_batchnorm(model, example_inputs=x, merge_branches=True)
@@ -244,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("models", nargs="*", help="model names (default: the whole zoo)")
     ap.add_argument("--only", choices=("torchvision", "timm", "extra"), help="one group of the zoo")
     ap.add_argument("--pt2", action="store_true", help="also export each model and fold the ExportedProgram")
+    ap.add_argument("--merge-only", action="store_true",
+                    help="leave out the fuse and direct-fold columns (they do not depend on merging): quicker")
     ap.add_argument("--reasons", action="store_true", help="print why each remaining BatchNorm was left")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -267,11 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, source in jobs:
         t0 = time.perf_counter()
         try:
-            row = measure(name, source, args.pt2)
+            row = measure(name, source, args.pt2, args.merge_only)
         except Exception as exc:  # a benchmark reports, it does not stop
             row = Row(name, source, note=f"ERROR {type(exc).__name__}: {str(exc)[:120]}")
         rows.append(row)
-        print(f"{source:12s} {name:28s} ops {row.ops:4d} fuse {row.fuse!s:>4s} direct {row.direct:4d} "
+        print(f"{source:12s} {name:28s} ops {row.ops:4d} fuse {row.fuse!s:>4s} direct {row.direct!s:>4s} "
               f"normfold {row.normfold:4d} (through {row.through}, forward {row.forward}, ws {row.ws}) "
               f"left {row.left:3d} rel {row.rel_err:.1e} merge {row.merge:4d} left {row.merge_left:3d} "
               f"conv {row.conv}/{row.conv_merge} rel {row.merge_err:.1e} pt2 {row.pt2!s} {row.pt2_same} "
@@ -298,15 +309,20 @@ def main(argv: list[str] | None = None) -> int:
         g = [r for r in rows if r.source == group]
         with_bn = [r for r in g if r.ops]
         tot = lambda k: sum(getattr(r, k) for r in with_bn if isinstance(getattr(r, k), int))  # noqa: E731
-        print(f"**{group}**: {len(g)} models, {len(with_bn)} with BatchNorm; batch_norm ops {tot('ops')}: "
-              f"fuse folds {tot('fuse')}, normfold direct {tot('direct')}, normfold {tot('normfold')} "
-              f"(through ops {tot('through')}, forward {tot('forward')}, weight standardization {tot('ws')}); "
-              f"left {tot('left')}; with merge_branches=True {tot('merge')} (left {tot('merge_left')}, "
-              f"conv ops {tot('conv')} -> {tot('conv_merge')}, on {sum(1 for r in with_bn if r.conv_merge < r.conv)} "
-              f"models; max rel err {max((r.merge_err for r in with_bn), default=0):.1e}); normfold >= fuse on {sum(1 for r in with_bn if isinstance(r.fuse, int) and r.normfold >= r.fuse)}"
-              f"/{len(with_bn)}; max rel err {max((r.rel_err for r in with_bn), default=0):.1e}"
-              + (f"; pt2 records equal the module pass on {sum(1 for r in with_bn if r.pt2_same == 'yes')}/{len(with_bn)}"
-                 if args.pt2 else ""))
+        fuse_part = "" if args.merge_only else (
+            f"fuse folds {tot('fuse')}, normfold direct {tot('direct')}, ")
+        fuse_cmp = "" if args.merge_only else (
+            f"normfold >= fuse on {sum(1 for r in with_bn if isinstance(r.fuse, int) and r.normfold >= r.fuse)}"
+            f"/{len(with_bn)}; ")
+        print(f"**{group}**: {len(g)} models, {len(with_bn)} with BatchNorm; batch_norm ops {tot('ops')}: {fuse_part}"
+              f"normfold {tot('normfold')} (through ops {tot('through')}, forward {tot('forward')}, "
+              f"weight standardization {tot('ws')}); left {tot('left')}; max rel err "
+              f"{max((r.rel_err for r in with_bn), default=0):.1e}; {fuse_cmp}"
+              f"with merge_branches=True {tot('merge')} (left {tot('merge_left')}; conv ops {tot('conv')} -> "
+              f"{tot('conv_merge')}, fewer on {sum(1 for r in with_bn if r.conv_merge < r.conv)} models; max rel err "
+              f"{max((r.merge_err for r in with_bn), default=0):.1e})"
+              + (f"; pt2 records equal the module pass on {sum(1 for r in with_bn if r.pt2_same == 'yes')}"
+                 f"/{len(with_bn)}" if args.pt2 else ""))
     bad = [r for r in rows if "DIFFERS" in r.note or r.note.startswith("ERROR") or "merge failed" in r.note or
            r.merge < r.normfold or
            (isinstance(r.fuse, int) and r.normfold < r.fuse)]
