@@ -36,6 +36,13 @@ float64. The rules that build terms:
   ``b = b_op + sum_{m,k} W_op[o, m, k] b_T[m]``. Exact only when ``op`` reads
   no padding or ``b_T = 0``: ``op`` pads ``T``'s output with zeros where the
   merged conv would see ``b_T``. Otherwise the branch is left, with that reason.
+* an ``nn.Linear`` is a pointwise term of rank 0 on the *last* axis: Linears of one
+  input, the identity and scalars add and compose into one Linear (RepViT's
+  ``(head(x) + head_dist(x)) / 2``), exact on a tensor of any rank. A Linear does
+  not meet a BatchNorm, a conv or a per-channel scale (they act on axis 1, the
+  same axis only on an (N, C) tensor, which the graph does not show).
+* pass-throughs (``nn.Identity``, eval dropout; clone and same-dtype casts in a
+  program) are the identity: an op behind one reads the branch input itself.
 
 What is refused, each with its reason in ``PassResult.skipped``: a branch
 through a nonlinearity, a BatchNorm in training mode, strides, dilations or
@@ -140,6 +147,8 @@ class _Term:
     dtype: torch.dtype | None = None
     device: torch.device | None = None
     requires_grad: bool = False
+    #: an ``nn.Linear`` (rank 0): it acts on the last axis, which is the channel axis of an (N, C) tensor only
+    linear: bool = False
     #: why this op could not take in the term before it (it starts a new term at its input)
     refusal: str | None = None
 
@@ -178,6 +187,12 @@ class _Term:
 def _identity(root: torch.fx.Node) -> _Term:
     one = torch.ones(1, 1, dtype=torch.float64)
     return _Term(root=root, weight=one, bias=torch.zeros(1, dtype=torch.float64), groups=None, rank=None)
+
+
+def _is_plain_identity(t: _Term) -> bool:
+    """``t`` is its root unchanged: nothing but pass-through ops (Identity, eval dropout, clone) since the root."""
+    return t.uniform and t.is_pointwise() and t.weight.numel() == 1 and float(t.weight.reshape(-1)[0]) == 1.0 \
+        and not bool(t.bias.ne(0).any()) and not t.convs and not t.merges
 
 
 def _with_rank(t: _Term, rank: int | None) -> _Term | str:
@@ -224,8 +239,27 @@ def _regroup(t: _Term, groups: int) -> _Term:
     return replace(t, weight=out.reshape(cout, r * cin_g, *k), groups=groups)
 
 
+def _axes_disagree(a: _Term, b: _Term) -> str | None:
+    """Why a Linear term cannot meet a term that acts on axis 1 (a BatchNorm, a conv, a channel scale).
+
+    A Linear acts on the last axis, the others on axis 1: the same axis only for an (N, C) tensor,
+    which a module graph does not show. Linears, identities and scalars meet on any tensor (a sum
+    of Linears of one input is the Linear of the summed weights, whatever its rank).
+    """
+    if a.linear == b.linear:
+        return None
+    other = b if a.linear else a
+    if other.uniform:
+        return None
+    return (f"a Linear ({(a if a.linear else b).paths[:1]}) acts on the last axis and "
+            f"{other.paths[:1] or 'a per-channel op'} on axis 1")
+
+
 def _common(a: _Term, b: _Term) -> tuple[_Term, _Term] | str:
     """Bring two terms to the same rank, channel count and groups."""
+    why = _axes_disagree(a, b)
+    if why:
+        return why
     rank = a.rank if a.rank is not None else b.rank
     a2, b2 = _with_rank(a, rank), _with_rank(b, rank)
     if isinstance(a2, str):
@@ -248,7 +282,7 @@ def _common(a: _Term, b: _Term) -> tuple[_Term, _Term] | str:
 def _merged_meta(a: _Term, b: _Term, **kw: Any) -> dict[str, Any]:
     return dict(nodes=a.nodes + b.nodes, paths=a.paths + b.paths, convs=a.convs + b.convs,
                 cost=a.cost + b.cost, uniform_cost=a.uniform_cost + b.uniform_cost, dtype=a.dtype or b.dtype, device=a.device or b.device,
-                requires_grad=a.requires_grad or b.requires_grad, **kw)
+                requires_grad=a.requires_grad or b.requires_grad, linear=a.linear or b.linear, **kw)
 
 
 def _add(a: _Term, b: _Term, sign: float) -> _Term | str:
@@ -310,6 +344,9 @@ def _scale(t: _Term, s: torch.Tensor, shift: torch.Tensor) -> _Term | str:
 
 def _compose(outer: _Term, inner: _Term) -> _Term | str:
     """``outer(inner(x))``: exact when one of the two is pointwise (see the module docstring)."""
+    why = _axes_disagree(outer, inner)
+    if why:
+        return why
     if outer.is_diagonal():
         r = _with_rank(inner, outer.rank)
         if isinstance(r, str):
@@ -319,7 +356,7 @@ def _compose(outer: _Term, inner: _Term) -> _Term | str:
             return out
         return replace(out, nodes=inner.nodes + outer.nodes, paths=inner.paths + outer.paths,
                        dtype=inner.dtype or outer.dtype, device=inner.device or outer.device,
-                       requires_grad=inner.requires_grad or outer.requires_grad)
+                       requires_grad=inner.requires_grad or outer.requires_grad, linear=inner.linear or outer.linear)
     if not (outer.is_pointwise() or inner.is_pointwise()):
         return (f"a kernel {outer.kernel} after a kernel {inner.kernel} is not one conv "
                 "(only a pointwise conv on either side composes exactly)")
@@ -429,6 +466,16 @@ def conv_term(weight: torch.Tensor, bias: torch.Tensor | None, *, stride: Any, p
                  dtype=weight.dtype, device=weight.device, requires_grad=weight.requires_grad)
 
 
+def linear_term(weight: torch.Tensor, bias: torch.Tensor | None, *, node: torch.fx.Node, root: torch.fx.Node,
+                path: str) -> _Term:
+    """The term of ``linear(root; weight, bias)``: a pointwise kernel (out, in) of rank 0 on the last axis."""
+    w = weight.detach()
+    b = bias.detach().double().cpu() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    return _Term(root=root, weight=w, bias=b, groups=1, rank=0, nodes=[node], paths=[path], convs=1,
+                 cost=float(w.numel()), dtype=weight.dtype, device=weight.device, requires_grad=weight.requires_grad,
+                 linear=True)
+
+
 def batchnorm_term(aff: BatchNormAffine, rank: int | None, *, dtype: torch.dtype, device: torch.device,
                    node: torch.fx.Node, root: torch.fx.Node, path: str) -> _Term | _Barrier:
     """The diagonal term ``W[c, 0] = s_c``, ``b = t`` of an eval BatchNorm's affine (groups = C)."""
@@ -469,6 +516,8 @@ def _module_term(m: nn.Module, path: str, node: torch.fx.Node, root: torch.fx.No
             return _Barrier(f"{path} pads with {m.padding_mode!r}, not zeros")
         return conv_term(m.weight, m.bias, stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
                          node=node, root=root, path=path)
+    if type(m).forward is nn.Linear.forward and not isinstance(m.weight, nn.parameter.UninitializedParameter):
+        return linear_term(m.weight, m.bias, node=node, root=root, path=path)
     if is_batchnorm(m):
         aff = batchnorm_affine(m)
         if isinstance(aff, str):
@@ -608,6 +657,8 @@ class _Analysis:
             return replace(inner, nodes=inner.nodes + [node])
         if not inner.nodes:  # straight on a root
             return op
+        if _is_plain_identity(inner):  # only pass-throughs before it (a folded BatchNorm's Identity, eval dropout)
+            return replace(op, root=inner.root, nodes=inner.nodes + op.nodes)
         out = _compose(op, inner)
         if isinstance(out, str):
             return replace(op, root=source, refusal=out)
@@ -1035,16 +1086,21 @@ class _MergeRun:
         if not isinstance(ready, _Term):
             return fall_back(ready)
         t = ready
-        w32 = t.weight.to(t.dtype)
-        cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[t.rank]
-        conv = cls(t.cin, t.cout, t.kernel, stride=t.stride, padding=t.lo, dilation=t.dilation, groups=t.groups,
-                   bias=True, device=t.device, dtype=t.dtype)
+        if t.linear:  # Linears (RepViT's head and its distillation head): one Linear, a dense (out, in) weight
+            t = _regroup(t, 1)
+            conv: nn.Module = nn.Linear(t.cin, t.cout, bias=True, device=t.device, dtype=t.dtype)
+            w32 = t.weight.reshape(t.cout, t.cin).to(t.dtype)
+        else:
+            cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[t.rank]
+            conv = cls(t.cin, t.cout, t.kernel, stride=t.stride, padding=t.lo, dilation=t.dilation, groups=t.groups,
+                       bias=True, device=t.device, dtype=t.dtype)
+            w32 = t.weight.to(t.dtype)
         with torch.no_grad():
             conv.weight.copy_(w32)
             conv.bias.copy_(t.bias.to(t.dtype))
         conv.weight.requires_grad_(t.requires_grad)
         conv.bias.requires_grad_(t.requires_grad)
-        name = _free_name(gm, "merged_conv")
+        name = _free_name(gm, "merged_linear" if t.linear else "merged_conv")
         gm.add_module(name, conv)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(name, (t.root,))
@@ -1056,10 +1112,10 @@ class _MergeRun:
         kernel = "x".join(map(str, t.kernel))
         what = f"merged {t.branches} branches of {where}" if t.merges else f"composed the conv chain of {where}"
         module_paths = tuple(sorted(set(t.paths), key=t.paths.index))
+        into = "one Linear" if t.linear else f"one {kernel} conv (groups={t.groups}, stride={tuple(t.stride)})"
         changes.append(Change(
             PASS_NAME, "merge_branches", (where, *module_paths),
-            f"{what} ({', '.join(module_paths)}) into one {kernel} conv (groups={t.groups}, "
-            f"stride={tuple(t.stride)}) at {where + '.' if path else ''}{name}",
+            f"{what} ({', '.join(module_paths)}) into {into} at {where + '.' if path else ''}{name}",
             details={"block": where, "conv": name, "kernel": t.kernel, "groups": t.groups, "stride": t.stride,
                      "branches": t.branches}))
 

@@ -612,3 +612,80 @@ def test_a_model_that_does_not_trace_whole_is_merged_block_by_block():
     x = _x(2, 3, 6, 6)
     r = _merged(model, x)
     assert type(r.module) is Untraceable and [c.details["block"] for c in r.changes] == ["body.1", "body.0"]
+
+
+# ---------------------------------------------------------------------------------------------- Linears
+
+
+class DistilledHead(nn.Module):
+    """RepViT's classifier: ``(head(x) + head_dist(x)) / 2``, each head a BatchNorm1d then a Linear."""
+
+    def __init__(self, c: int = 8, n: int = 5) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.0)
+        self.head = nn.Sequential(nn.BatchNorm1d(c), nn.Linear(c, n))
+        self.head_dist = nn.Sequential(nn.BatchNorm1d(c), nn.Linear(c, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(x)
+        return (self.head(x) + self.head_dist(x)) / 2
+
+
+class PooledNet(nn.Module):
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stem(x).mean((2, 3)))
+
+
+def test_distillation_head_becomes_one_linear_after_the_fold():
+    """The folds put each head's BatchNorm1d into its Linear (an Identity stays where it was); the two
+    Linears of one input, summed and halved, are one Linear, as timm's RepViT ``fuse()`` writes it."""
+    model = _prepare(PooledNet(DistilledHead()))
+    x = _x(2, 3, 6, 6)
+    r = nf.fold_batchnorm(model, merge_branches=True, example_inputs=x)
+    assert_models_close(r.module, model, x, what="fold + merge")
+    linears = [m for m in r.module.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 1 and r.module.head.merged_linear is linears[0]
+    merge = next(c for c in r.changes if c.action == "merge_branches")
+    assert merge.details["block"] == "head" and {"head.head.1", "head.head_dist.1"} <= set(merge.paths)
+    assert "one Linear" in merge.message and not r.skipped
+
+
+def test_linears_of_a_token_tensor_merge_but_not_with_a_channel_op():
+    """A sum of Linears is one Linear on a tensor of any rank (they act on the last axis); a BatchNorm1d
+    acts on axis 1, which is another axis on (N, L, C): that sum is left, with the reason."""
+    class Tokens(nn.Module):
+        def __init__(self, bn: bool) -> None:
+            super().__init__()
+            self.a, self.b, self.bn = nn.Linear(8, 8), nn.Linear(8, 8), nn.BatchNorm1d(8) if bn else None
+
+        def forward(self, x):
+            if self.bn is not None:
+                return self.a(x) + self.bn(x)
+            return self.a(x) - self.b(x) + x
+
+    x = _x(2, 8, 8)  # L = C: only the axis tells the BatchNorm's channels from the Linear's
+    r = _merged(_prepare(Tokens(bn=False)), x)
+    assert len(r.changes) == 1 and r.changes[0].details["branches"] == 3
+    r = _left(_prepare(Tokens(bn=True)), x, "acts on the last axis")
+    assert not r.modified
+
+
+def test_a_pointwise_conv_after_a_pass_through_merges():
+    """A 1x1 conv behind an Identity (where a folded BatchNorm was) or an eval dropout reads the branch
+    input itself: it merges like a bare 1x1 conv."""
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dense = nn.Conv2d(8, 8, 3, padding=1)
+            self.pointwise = nn.Sequential(nn.Identity(), nn.Dropout(0.1), nn.Conv2d(8, 8, 1))
+
+        def forward(self, x):
+            return self.dense(x) + self.pointwise(x)
+
+    r = _merged(_prepare(Net(Block())), _x(2, 3, 6, 6))
+    assert r.changes[0].details["branches"] == 2 and not r.skipped
