@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import inspect
 import io
 import logging
 import warnings
@@ -168,6 +169,10 @@ def resolve_inputs(args: argparse.Namespace, model: nn.Module, console: Console,
                              "pass --input-shape") from exc
         how = "--input-shape" if shape else "the model's config"
         console.print(f"[dim]inputs from {how}: {what}{'' if shape else ' (pass --input-shape to choose)'}[/dim]")
+        # -o x.pt2 re-exports with positional example inputs: only right when the keywords are forward's first
+        # parameters in order (pixel_values; not input_ids + attention_mask, which GPT-2 takes third)
+        leading = [n for n in inspect.signature(type(model).forward).parameters if n != "self"][: len(kw)]
+        args.example_inputs = tuple(kw.values()) if list(kw) == leading else None
         return kw
     if args.input_shape:
         shapes = [parse_shape(s) for s in args.input_shape]
