@@ -11,6 +11,7 @@ This module is only the ATen reader and writer, as the fold engine has one reade
   with its ``getitem 0``, :func:`~normfold.passes.fold.aten_reader.batchnorm_args`) are diagonal terms;
   one in training mode is a barrier with that reason;
 * ``aten.avg_pool1d/2d/3d`` (zero padding counted, no ceil mode) is a uniform kernel;
+* ``aten.linear`` with a constant weight is a Linear term (last axis; written as one ``aten.linear``);
 * ``aten.add/sub`` (``alpha`` included) of two terms of one tensor, or of a term and a constant,
   ``aten.mul/div`` by a constant per-channel operand (layer scale ``gamma.view(1, -1, 1, 1)``,
   evaluated once), ``aten.neg``; the in-place forms ``add_`` / ``sub_`` / ``mul_`` / ``div_`` where
@@ -45,9 +46,9 @@ from normfold.passes.base import Change, Pass, Skip
 from normfold.passes.fold.aten_reader import EditableProgram, batchnorm_args, op_name, parameter_path, size_hint
 from normfold.passes.fold.program_pass import ExportedPassResult
 from normfold.passes.fold.reader import bind_args, flat_nodes
-from normfold.passes.merge_branches import (PASS_NAME, _Analysis, _Barrier, _Const, _Term, _common_scope,
-                                            batchnorm_term, conv_term, mergeable, pool_term, region_tops,
-                                            worth_merging)
+from normfold.passes.merge_branches import (PASS_NAME, _Analysis, _Barrier, _Const, _Term, _common_scope, _regroup,
+                                            batchnorm_term, conv_term, linear_term, mergeable, pool_term,
+                                            region_tops, worth_merging)
 
 __all__ = ["MergeBranchesProgram", "merge_program"]
 
@@ -153,6 +154,8 @@ class _ProgramAnalysis(_Analysis):
         p = op_name(node)
         if p in ("conv1d", "conv2d", "conv3d", "convolution"):
             return self._conv(node, p)
+        if p == "linear":
+            return self._linear(node)
         bn = batchnorm_args(node)
         if bn is not None:
             return self._batchnorm(node, bn)
@@ -245,6 +248,17 @@ class _ProgramAnalysis(_Analysis):
         op = conv_term(weight, bias, stride=a.get("stride", 1), padding=padding, dilation=a.get("dilation", 1),
                        groups=a.get("groups", 1), node=node, root=x, path=path)
         return self._apply(node, op, x)
+
+    def _linear(self, node: torch.fx.Node) -> _Term | _Barrier:
+        a = bind_args(node, ("input", "weight", "bias"), {"bias": None})
+        x, w_node, b_node = a["input"], a["weight"], a.get("bias")
+        weight = self._const_value(w_node)
+        bias = self._const_value(b_node) if b_node is not None else None
+        path = self._param_path(w_node, "weight") or innermost_module_path(node) or node.name
+        if not isinstance(x, torch.fx.Node) or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or \
+                not weight.is_floating_point() or (b_node is not None and not isinstance(bias, torch.Tensor)):
+            return _Barrier(f"{path}: its weight or bias is computed from the input", nonlinear=True)
+        return self._apply(node, linear_term(weight, bias, node=node, root=x, path=path), x)
 
     def _batchnorm(self, node: torch.fx.Node, a: dict[str, Any]) -> _Term | _Barrier:
         x = a.get("input")
@@ -355,12 +369,17 @@ class _ProgramMerge:
             return fall_back(ready)
         t = ready
         prefix = "" if where == "<model>" else where + "."
-        name = self._free_name(f"{prefix}merged_conv")
+        if t.linear:  # Linears (RepViT's head and its distillation head): one aten.linear, a dense (out, in) weight
+            t = _regroup(t, 1)
+            t = replace(t, weight=t.weight.reshape(t.cout, t.cin))
+        name = self._free_name(f"{prefix}merged_linear" if t.linear else f"{prefix}merged_conv")
         w = self.prog.add_parameter(f"{name}.weight", t.weight.to(t.dtype).to(t.device), t.requires_grad)
         b = self.prog.add_parameter(f"{name}.bias", t.bias.to(t.dtype).to(t.device), t.requires_grad)
         graph = self.prog.graph
         with graph.inserting_before(node):
-            if self.use_convolution:
+            if t.linear:
+                new = graph.call_function(aten.linear.default, (root, w, b))
+            elif self.use_convolution:
                 new = graph.call_function(aten.convolution.default, (root, w, b, list(t.stride), list(t.lo),
                                                                       list(t.dilation), False, [0] * t.rank, t.groups))
             else:
@@ -381,10 +400,10 @@ class _ProgramMerge:
         kernel = "x".join(map(str, t.kernel))
         what = f"merged {t.branches} branches of {where}" if t.merges else f"composed the conv chain of {where}"
         module_paths = tuple(sorted(set(t.paths), key=t.paths.index))
+        into = "one Linear" if t.linear else f"one {kernel} conv (groups={t.groups}, stride={tuple(t.stride)})"
         self.result.changes.append(Change(
             PASS_NAME, "merge_branches", (where, *module_paths),
-            f"{what} ({', '.join(module_paths)}) into one {kernel} conv (groups={t.groups}, "
-            f"stride={tuple(t.stride)}) as the parameter {name}",
+            f"{what} ({', '.join(module_paths)}) into {into} as the parameter {name}",
             details={"block": where, "conv": name, "kernel": t.kernel, "groups": t.groups, "stride": t.stride,
                      "branches": t.branches}))
 

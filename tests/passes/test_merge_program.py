@@ -19,8 +19,8 @@ import normfold as nf
 from normfold.passes.fold import ExportedPassResult
 from tests.commands._cli import run_cli
 from tests.conftest import randomize_bn_stats, run_counting_ops
-from tests.passes.test_merge_branches import (ACBlock, DBBlock, MobileOneStyle, Net, RepDW, RepMixer, RepVGGBlock,
-                                              SumOfList, _convbn, _prepare, _x)
+from tests.passes.test_merge_branches import (ACBlock, DBBlock, DistilledHead, MobileOneStyle, Net, PooledNet, RepDW,
+                                              RepMixer, RepVGGBlock, SumOfList, _convbn, _prepare, _x)
 
 
 def _ops(program: torch.export.ExportedProgram) -> tuple[int, int]:
@@ -125,6 +125,16 @@ def test_dynamic_batch_stays_dynamic_and_the_program_saves(tmp_path: Path):
         v = nf.verify(model, loaded.module(), _x(n, 3, 10, 10))
         assert v.passed, v
     assert _ops(loaded) == (0, 4)
+
+
+def test_distillation_head_linears_merge_into_one_linear_op():
+    """RepViT's ``(head(x) + head_dist(x)) / 2`` after the fold: one ``aten.linear``."""
+    model = _prepare(PooledNet(DistilledHead()))
+    x = _x(2, 3, 6, 6)
+    r = nf.fold_batchnorm(_export(model, x), merge_branches=True)
+    _verified(model, r, x)
+    linears = [n for n in r.program.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert len(linears) == 1 and "head.merged_linear.weight" in r.program.state_dict and not r.skipped
 
 
 # ---------------------------------------------------------------------------------------------- refusals
