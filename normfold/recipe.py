@@ -23,6 +23,12 @@ writing its own record. For every module path of the rewritten tree:
 * ``patch``: same class, different state (a parameter appeared or vanished,
   an attribute changed, hooks were removed, a child was removed). Replay
   edits the freshly built module in place.
+* ``take``: under a replaced module, a module of the same class as the fresh
+  build's at the same path (a merged block became ``nn.Sequential(merged_conv,
+  act, se)``: ``act`` and ``se`` are the block's own). Replay moves the fresh
+  build's module there; it is then compared and patched like any module that
+  stayed, so the new parent's children are either rebuilt from the allow-list
+  or the fresh build's own, never code from the file.
 
 Only classes from an allow-list are rebuilt: ``torch.nn``, normfold's own
 modules and the modules the original model's own classes live in. Anything
@@ -45,7 +51,9 @@ from normfold.errors import ModelLoadError
 
 __all__ = ["RecipeError", "RECIPE_VERSION", "derive_recipe", "apply_recipe", "dumps", "loads"]
 
-RECIPE_VERSION = 1
+#: 2 added the "take" edit (a module of the fresh build moved under a replaced parent)
+RECIPE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 # Attributes nn.Module.__init__ creates: module machinery, never recorded as state.
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_parameters", "_buffers", "_modules", "training"}
@@ -257,7 +265,13 @@ def derive_recipe(base: nn.Module, rewritten: nn.Module, *, factory_module: str 
     allowed = _allowed_prefixes(base, factory_module)
     base_modules = dict(base.named_modules(remove_duplicate=False))
     edits: list[dict[str, Any]] = []
-    replaced: list[str] = []
+    # how each module that is not the base's own was made: "replace" (rebuilt from the record) or "take" (the
+    # base's module, moved under a replaced parent); the nearest such ancestor decides how children are made
+    made: dict[str, str] = {}
+    taken: set[str] = set()
+    base_uses: dict[int, int] = {}
+    for m in base_modules.values():
+        base_uses[id(m)] = base_uses.get(id(m), 0) + 1
     seen: dict[int, str] = {}
     moved: list[tuple[str, str]] = []  # (path in rewritten, path in base) of the modules a wrapper now holds
 
@@ -266,6 +280,14 @@ def derive_recipe(base: nn.Module, rewritten: nn.Module, *, factory_module: str 
             if path == new or path.startswith(new + "."):
                 return was + path[len(new):]
         return path
+
+    def under_replaced(path: str) -> bool:
+        parts = path.split(".") if path else []
+        for i in range(len(parts) - 1, -1, -1):  # the parent first, the root last
+            how = made.get(".".join(parts[:i]))
+            if how is not None:
+                return how == "replace"
+        return False
 
     for path, module in rewritten.named_modules(remove_duplicate=False):
         if id(module) in seen:
@@ -277,8 +299,18 @@ def derive_recipe(base: nn.Module, rewritten: nn.Module, *, factory_module: str 
             raise RecipeError(f"{path or '<model>'} carries hooks (weight_norm, spectral_norm or user hooks) that a "
                               "safe file cannot record; bake them first or write a pickled module (--pickle)")
         cls = type(module)
-        inside_replaced = any(path.startswith(r + ".") or r == "" for r in replaced)
+        inside_replaced = under_replaced(path)
         old = base_modules.get(was)
+        if (inside_replaced and old is not None and _class_name(type(old)) == _class_name(cls)
+                and base_uses[id(old)] == 1 and was not in taken):
+            # a module of the same class at the same path, now under a replaced parent (a merged block's
+            # activation or SE in the nn.Sequential that took the block's place): replay moves the fresh build's
+            # module here, then it is compared with it like any module that stayed (patched where it differs), so
+            # none of its attributes has to be recorded
+            edits.append({"op": "take", "path": path, "from": was})
+            made[path] = "take"
+            taken.add(was)
+            inside_replaced = False
         child_name = getattr(cls, "_normfold_wraps", None)
         inner = module._modules.get(child_name) if isinstance(child_name, str) else None
         if (not inside_replaced and old is not None and inner is not None and list(module._modules) == [child_name]
@@ -299,7 +331,7 @@ def derive_recipe(base: nn.Module, rewritten: nn.Module, *, factory_module: str 
                                   "write a pickled module instead (--pickle)")
             edits.append({"op": "replace", "path": path, "class": _qualname(cls, factory_module),
                           **_state(module, path, allowed, factory_module)})
-            replaced.append(path)
+            made[path] = "replace"
             continue
         new_attrs, old_attrs = _raw_attrs(module), _raw_attrs(old)
         changed_attrs = {k: _encode(v, f"{path or '<model>'}.{k}", allowed, factory_module) for k, v in new_attrs.items()
@@ -408,10 +440,12 @@ def apply_recipe(base: nn.Module, recipe: dict[str, Any], *, factory_module: str
     tensors: load the saved weights into it strictly. ``factory_module`` as
     for :func:`derive_recipe` (where :data:`FACTORY` names now point).
     """
-    if not isinstance(recipe, dict) or recipe.get("version") != RECIPE_VERSION:
+    if not isinstance(recipe, dict) or recipe.get("version") not in _READABLE_VERSIONS:
         raise ModelLoadError(f"the file's recipe has version {recipe.get('version') if isinstance(recipe, dict) else '?'}"
-                             f"; this normfold reads version {RECIPE_VERSION}: upgrade normfold")
+                             f"; this normfold reads versions up to {RECIPE_VERSION}: upgrade normfold")
     allowed = _allowed_prefixes(base, factory_module)
+    # what a "take" moves: the fresh build's modules as they were, before replaced parents drop them
+    originals = dict(base.named_modules(remove_duplicate=False))
     root = base
     for edit in recipe.get("edits", []):
         op, path = edit.get("op"), str(edit.get("path", ""))
@@ -430,6 +464,12 @@ def apply_recipe(base: nn.Module, recipe: dict[str, Any], *, factory_module: str
                 module._modules[child] = None
             module.training = bool(edit.get("training", True))
             root = _put(root, path, module)
+        elif op == "take":
+            source = originals.get(str(edit.get("from", "")))
+            if source is None:
+                raise ModelLoadError(f"the file's recipe moves {edit.get('from')!r}, which the model built here does "
+                                     "not have; the file is damaged or was written for another --arch")
+            root = _put(root, path, source)
         elif op == "wrap":
             cls = _resolve_class(str(edit["class"]), allowed, factory_module)
             inner = root.get_submodule(path) if path else root

@@ -631,3 +631,100 @@ def test_module_versions_survive_a_state_dict_and_a_safe_file(tmp_path: Path, ca
     written = tmp_path / "mn.folded.safetensors"
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     assert nf.verify(model, nf.load(written, arch=arch), (x,)).passed
+
+
+class _GatedSE(nn.Module):
+    """A squeeze-excite that keeps its gate function: ``torch.sigmoid`` lies outside the recipe's allow-list."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, c // 2, 1)
+        self.fc2 = nn.Conv2d(c // 2, c, 1)
+        self.gate = torch.sigmoid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+class _RepBlock(nn.Module):
+    """3x3 conv+BN + 1x1 conv+BN + identity BN, then the SE and a ReLU: merges into Sequential(merged_conv, se, act)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dense = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.pointwise = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.identity = nn.BatchNorm2d(c)
+        self.se = _GatedSE(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.se(self.dense(x) + self.pointwise(x) + self.identity(x)))
+
+
+def rep_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _RepBlock(8), _RepBlock(8), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 2))
+
+
+def test_merged_blocks_save_with_their_own_children_moved_not_recorded(tmp_path: Path) -> None:
+    """A merged block's SE and activation are the fresh build's modules moved under the Sequential ("take").
+
+    The SE holds ``torch.sigmoid``, which a "replace" record may not name (outside torch.nn, normfold and
+    the model's modules): the file is written only because the recipe moves the fresh build's SE, which
+    holds the same function, instead of rebuilding it.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    arch = f"{__name__}:rep_net"
+    torch.manual_seed(0)
+    model = randomize_bn_stats(rep_net()).eval()
+    src = tmp_path / "rep.pt"
+    torch.save(model.state_dict(), src)
+    loaded = load_model(src, arch=arch)
+    merged = nf.fold_batchnorm(loaded.module.eval(), example_inputs=(X,), merge_branches=True).module
+    assert [list(merged[i]._modules) for i in (1, 2)] == [["merged_conv", "se", "act"]] * 2
+    out = save_model(merged, tmp_path / "rep.safetensors", source=loaded)
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    recipe = json.loads(meta["normfold_recipe"])
+    ops = {e["path"]: e["op"] for e in recipe["edits"]}
+    assert {p: ops.get(p) for p in ("1", "1.merged_conv", "1.se", "1.act", "2.se")} == {
+        "1": "replace", "1.merged_conv": "replace", "1.se": "take", "1.act": "take", "2.se": "take"}
+    assert not any(p.startswith("1.se.") for p in ops)  # the SE's children came with it, unchanged
+    again = nf.load(out, arch=arch)
+    assert again[1].se is not merged[1].se and type(again[1].se) is _GatedSE
+    _same(again, merged)
+    assert_models_close(again, model, (X,))
+
+    # a move of a module the build does not have is a damaged file, said in one line
+    take = next(e for e in recipe["edits"] if e["op"] == "take")
+    take["from"] = "7.se"
+    meta["normfold_recipe"] = json.dumps(recipe)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(ModelLoadError, match="moves '7.se'"):
+        nf.load(bad, arch=arch)
+
+
+def test_recipe_versions_one_and_two_are_read_and_later_ones_refused(r18_folded, tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path, original, loaded, folded = r18_folded
+    out = save_model(folded, tmp_path / "f.safetensors", source=loaded)
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    recipe = json.loads(meta["normfold_recipe"])
+    for version, fine in ((1, True), (2, True), (3, False)):
+        recipe["version"] = version
+        meta["normfold_recipe"] = json.dumps(recipe)
+        f = tmp_path / f"v{version}.safetensors"
+        save_file(tensors, str(f), metadata=meta)
+        if fine:
+            _same(nf.load(f, arch=R18), folded)
+        else:
+            with pytest.raises(ModelLoadError, match="upgrade normfold"):
+                nf.load(f, arch=R18)
