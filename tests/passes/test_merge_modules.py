@@ -80,7 +80,8 @@ def test_a_chain_block_becomes_a_sequential_of_its_own_modules_under_their_names
         assert type(block) is nn.Sequential and list(block._modules) == ["merged_conv", "act"]
         assert isinstance(graph.body[i], torch.fx.GraphModule)
     assert type(got) is Net  # the outer class stays
-    assert {"body.0.merged_conv.weight", "body.0.merged_conv.bias", "body.2.merged_conv.weight"} <= set(got.state_dict())
+    assert {"body.0.merged_conv.weight", "body.0.merged_conv.bias", "body.2.merged_conv.weight"} \
+        <= set(got.state_dict())
     _outputs_equal_and_verified(got, graph, model, x)
 
     # the very objects: with inplace=True the user's activation module is the one the Sequential holds
