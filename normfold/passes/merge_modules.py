@@ -11,7 +11,10 @@ way, at its path, to the merged conv and whatever came after the add
 block becomes ``nn.Sequential(OrderedDict(...))`` of the steps, which computes
 the same composition in the same order: the state_dict keys read
 ``<block>.merged_conv.weight``, ``<block>.se.fc1.weight`` and the safe weights
-format (safetensors + recipe, :mod:`normfold.recipe`) can save and rebuild it.
+format (safetensors + recipe, :mod:`normfold.recipe`) can save and rebuild it:
+the Sequential and ``merged_conv`` are ``torch.nn`` classes, and the block's
+own children (``act``, ``se``) are the fresh build's, moved under it (the
+recipe's ``take`` edit).
 A step is
 
 * a module the block called once (``merged_conv``, ``act``): the very object,
