@@ -176,7 +176,8 @@ def _whole_child_call(gm: torch.fx.GraphModule, block: nn.Module, name: str, nod
     from normfold.passes.merge_branches import _timm_notrace, _Tracer  # merge_branches imports this module
 
     child = block._modules.get(name)
-    if child is None:
+    # the trace went through the child's forward without its hooks; calling it would run them
+    if child is None or any(m._forward_hooks or m._forward_pre_hooks for m in child.modules()):
         return None
     try:
         graph = _Tracer(*_timm_notrace()).trace(child)

@@ -193,3 +193,12 @@ def test_timm_rep_models_merged_save_as_safetensors_and_load_back(name: str, tmp
     assert back.state_dict().keys() == r.module.state_dict().keys()
     v = nf.verify(original, back, x)
     assert v.passed, v
+
+
+def test_a_child_with_hooks_is_not_taken():
+    """The block's trace went through the SE without its hook; a Sequential calling the SE would run it."""
+    model = _prepare(Net(Branchy(lambda b, y, x: b.act(b.se(y)))))
+    calls: list[int] = []
+    model.body[0].se.register_forward_hook(lambda m, a, o: calls.append(1))
+    r = merge_branches(model)
+    assert r.changes and isinstance(r.module.body[0], torch.fx.GraphModule)
