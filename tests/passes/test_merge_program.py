@@ -174,6 +174,25 @@ def test_refusals_are_skips_with_their_reason(block: nn.Module, x_shape: tuple, 
     _verified(model, r, x)
 
 
+def test_in_place_op_on_the_shared_input_is_left():
+    """The training IR keeps in-place ops: ``x.mul_(2)`` after the branches read ``x`` changes what they read."""
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            y = self.a(x) + self.b(x)
+            x.mul_(2.0)
+            return y + x
+
+    model = _prepare(Net(Block()))
+    x = _x(2, 3, 6, 6)
+    r = nf.merge_branches(_export(model, x))
+    assert any("in place" in s.reason for s in r.skipped) and not r.modified
+    _verified(model, r, x)
+
+
 def test_batchnorm_exported_in_training_mode_is_left():
     model = _prepare(Net(RepVGGBlock(8, 8)))
     model.body[0].identity.train()
