@@ -23,7 +23,7 @@ from normfold.errors import InputError, UsageError
 from normfold.inputs import model_dtype_device
 from normfold.recalibrate import DEFAULT_BATCH_SIZE
 
-__all__ = ["load_data", "visiting_order", "IMAGE_SUFFIXES", "TENSOR_SUFFIXES"]
+__all__ = ["load_data", "read_tensor_file", "visiting_order", "IMAGE_SUFFIXES", "TENSOR_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TENSOR_SUFFIXES = (".pt", ".pth", ".npy", ".npz")
@@ -85,20 +85,38 @@ def load_data(path: str | Path, *, model: nn.Module, image_size: str | None = No
     return data, f"{path.name}: {tuple(array.shape)} {str(array.dtype).replace('torch.', '')}"
 
 
-def _read_tensor_file(path: Path, suffix: str, flag: str) -> torch.Tensor:
-    how = "torch.save(tensor, path)" if suffix in (".pt", ".pth") else "numpy.save(path, array)"
+def _save_hint(suffix: str) -> str:
+    return "torch.save(tensor, path)" if suffix in (".pt", ".pth") else "numpy.save(path, array)"
+
+
+def read_tensor_file(path: Path, *, flag: str, what: str = "tensor file") -> Any:
+    """What a tensor file holds, read without running code from it: the one reader of users' tensor files.
+
+    ``.pt``/``.pth``: ``torch.load(weights_only=True)`` (a tensor, or lists, tuples and dicts of them);
+    ``.npy``: one array; ``.npz``: a dict ``name -> array`` in the order saved (numpy, ``allow_pickle=False``).
+    What the contents mean is the caller's: ``recalibrate --data`` and ``convert --calibration-data`` take
+    one array of samples (:func:`load_data`), ``check --inputs`` one model input per array
+    (:func:`normfold.check.inputs.load_inputs`). A file that cannot be read so (pickled objects, truncation,
+    garbage) is an :class:`~normfold.errors.InputError` naming ``flag`` and calling the file a ``what``.
+    """
+    suffix = path.suffix.lower()
+    how = _save_hint(suffix)
     try:
         if suffix in (".pt", ".pth"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        elif suffix == ".npy":
-            obj = np.load(path, allow_pickle=False)
-        else:
-            with np.load(path, allow_pickle=False) as npz:
-                obj = {k: npz[k] for k in npz.files}
+            return torch.load(path, map_location="cpu", weights_only=True)
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
     except Exception as exc:  # pickled objects, truncation, garbage: all mean "not a tensor file"
         head = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-        raise InputError(f"{flag} {path} is not a readable tensor file ({type(exc).__name__}: {head}); "
+        raise InputError(f"{flag} {path} is not a readable {what} ({type(exc).__name__}: {head}); "
                          f"save the data with {how}") from exc
+
+
+def _read_tensor_file(path: Path, suffix: str, flag: str) -> torch.Tensor:
+    how = _save_hint(suffix)
+    obj = read_tensor_file(path, flag=flag)
     if isinstance(obj, dict):
         arrays = {k: v for k, v in obj.items() if isinstance(v, (torch.Tensor, np.ndarray))}
         if len(arrays) == 1:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from normfold.data import read_tensor_file
 from normfold.errors import InputError, UsageError
 
 __all__ = ["load_inputs", "INPUT_SUFFIXES"]
@@ -30,31 +31,31 @@ def _as_tensor(x: object, what: str, path: Path) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         if x.dtype == object:
             raise InputError(f"{path}: {what} is an object array; save numeric arrays")
-        return torch.from_numpy(np.ascontiguousarray(x))
+        try:
+            return torch.from_numpy(np.ascontiguousarray(x))
+        except TypeError:  # strings, records: numpy arrays torch has no dtype for
+            raise InputError(f"{path}: {what} is a {x.dtype} array; save numeric arrays") from None
     raise InputError(f"{path}: {what} is a {type(x).__name__}, not a tensor; save tensors (or a tuple of them)")
 
 
 def load_inputs(path: str | os.PathLike) -> tuple[torch.Tensor, ...]:
-    """Read positional model inputs from ``path`` (see the module docstring)."""
+    """Read positional model inputs from ``path`` (see the module docstring).
+
+    The file is read by :func:`normfold.data.read_tensor_file`, the reader ``recalibrate --data`` uses
+    too; here every array it holds is one model input.
+    """
     p = Path(path)
     if p.suffix not in INPUT_SUFFIXES:
         raise UsageError(f"--inputs {p}: use a .pt, .pth, .npy or .npz file")
     if not p.exists():
         raise InputError(f"--inputs {p}: no such file; check the path")
-    try:
-        if p.suffix == ".npy":
-            return (_as_tensor(np.load(p, allow_pickle=False), "the array", p),)
-        if p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                if not z.files:
-                    raise InputError(f"{p} holds no arrays")
-                return tuple(_as_tensor(z[k], f"array {k!r}", p) for k in z.files)
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except InputError:
-        raise
-    except Exception as exc:  # torch.load and numpy raise many kinds on a damaged file (struct.error, ...)
-        head = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-        raise InputError(f"{p} is not a readable input file ({head}); save it with torch.save or numpy.save") from exc
+    obj = read_tensor_file(p, flag="--inputs", what="input file")
+    if p.suffix == ".npy":
+        return (_as_tensor(obj, "the array", p),)
+    if p.suffix == ".npz":
+        if not obj:
+            raise InputError(f"{p} holds no arrays")
+        return tuple(_as_tensor(v, f"array {k!r}", p) for k, v in obj.items())
     if isinstance(obj, torch.Tensor):
         return (obj,)
     if isinstance(obj, (list, tuple)) and obj:

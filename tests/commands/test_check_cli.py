@@ -201,3 +201,26 @@ def test_console_script_exit_codes(files) -> None:
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.strip().splitlines()[-1].startswith("PASSED")
     assert "libcuda" not in ok.stderr  # onnxruntime's provider noise is captured into the report, not spilled
+
+
+def test_inputs_and_data_files_are_read_by_one_reader(tmp_path: Path) -> None:
+    """check --inputs and recalibrate --data read files with normfold.data.read_tensor_file; each says what it
+    makes of the contents: one input per array for check, one array of samples for recalibrate."""
+    from normfold.check.inputs import load_inputs
+    from normfold.data import load_data, visiting_order
+    from normfold.errors import InputError
+
+    a, b = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype("float32"), np.zeros((4, 2), "int64")
+    np.savez(tmp_path / "ab.npz", x=a, y=b)
+    got = load_inputs(tmp_path / "ab.npz")
+    assert len(got) == 2 and np.array_equal(got[0].numpy(), a) and np.array_equal(got[1].numpy(), b)
+    data, _ = load_data(tmp_path / "ab.npz", model=build_demo_model(), batch_size=4)  # the array named x
+    assert np.array_equal(next(iter(data)).numpy(), a[visiting_order(4, 0).numpy()])
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    for read, words in ((lambda p: load_inputs(p), "--inputs"), (lambda p: load_data(p, model=build_demo_model()),
+                                                                 "--data")):
+        with pytest.raises(InputError, match=f"^{words} .*junk.npz is not a readable .* file .*numpy.save"):
+            read(tmp_path / "junk.npz")
+    np.save(tmp_path / "words.npy", np.array(["a", "b"]))  # no torch dtype: one line, not a TypeError
+    with pytest.raises(InputError, match="is a <U1 array; save numeric arrays"):
+        load_inputs(tmp_path / "words.npy")

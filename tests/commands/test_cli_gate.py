@@ -94,7 +94,8 @@ def test_fold_that_changes_nothing_fails_unless_allowed(tmp_path: Path, capsys) 
     code, stdout, err = run_cli(["fold", str(src), "--trust", "--input-shape", SHAPE, "-o", str(out)], capsys)
     assert code == 1
     last = stdout.strip().splitlines()[-1]
-    assert last.startswith("FAILED: nothing folded") and "--allow-noop" in last and "nothing written" in last
+    assert last.startswith("FAILED: nothing to fold: the model has no BatchNorm layer (no norm layer)"), last
+    assert "--allow-noop" in last and "nothing written" in last
     assert not out.exists()
     code, stdout, err = run_cli(["fold", str(src), "--trust", "--input-shape", SHAPE, "-o", str(out),
                                  "--allow-noop", "--pickle"], capsys)
