@@ -16,10 +16,12 @@ from __future__ import annotations
 import abc
 import copy
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
+import torch.fx
 from torch import nn
 
 from normfold.errors import NormfoldError, PassError
@@ -143,6 +145,30 @@ def copy_module(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+#: the attributes torch.fx's tracer stores on a traced module for every tensor its forward uses that is neither a
+#: parameter nor a buffer (``Tracer.create_arg`` does ``setattr(root, "_tensor_constant0", t)``)
+_FX_TENSOR_CONSTANT = re.compile(r"_tensor_constant\d+$")
+
+
+def _fx_tensor_constants(module: nn.Module) -> set[tuple[str, str]]:
+    return {(path, k) for path, m in module.named_modules() for k in vars(m) if _FX_TENSOR_CONSTANT.match(k)}
+
+
+def drop_fx_tensor_constants(module: nn.Module, keep: set[tuple[str, str]] = frozenset()) -> None:
+    """Remove the ``_tensor_constantN`` attributes that tracing left on ``module`` and its submodules.
+
+    A traced module keeps them after the GraphModule made from it has copied them, so a pass that traces
+    would hand back the user's model with tensors its own forward never reads (torchvision's MaxViT gets
+    22), which the safe weights format then cannot describe. A GraphModule's are its own (its code reads
+    them) and stay, and so do those in ``keep`` (present before the pass).
+    """
+    for path, m in module.named_modules():
+        if isinstance(m, torch.fx.GraphModule):
+            continue
+        for k in [k for k in vars(m) if _FX_TENSOR_CONSTANT.match(k) and (path, k) not in keep]:
+            delattr(m, k)
+
+
 class Pass(abc.ABC):
     """Base class of every rewrite.
 
@@ -163,17 +189,21 @@ class Pass(abc.ABC):
                 f"{self.name}: expected a torch.nn.Module, got {type(module).__name__}"
             )
         flags = training_flags(module)
+        constants = _fx_tensor_constants(module)
         work = module if inplace else copy_module(module)
         try:
             result = self.call(work)
         finally:
             restore_training_flags(work, flags)
+            drop_fx_tensor_constants(work, constants)
         if not isinstance(result, PassResult):
             raise TypeError(
                 f"pass {type(self).__name__}.call() must return a PassResult, "
                 f"got {type(result).__name__} (pass author: fix the return value)"
             )
         restore_training_flags(result.module, flags)
+        if result.module is not work and isinstance(result.module, nn.Module):
+            drop_fx_tensor_constants(result.module, constants)
         return result
 
     def __repr__(self) -> str:

@@ -113,3 +113,43 @@ def test_pass_manager_raises_normfold_errors_unchanged() -> None:
     with pytest.raises(InputError) as info:
         PassManager([_Renamer(), _BadInputs()])(_model())
     assert not isinstance(info.value, PassError) and info.value.exit_code == 2
+
+
+_OFFSET = torch.arange(4.0).view(1, 4, 1, 1)
+
+
+class _WithTensorConstant(torch.nn.Module):
+    """A forward that uses a tensor that is neither a parameter nor a buffer: tracing it stores
+    ``_tensor_constant0`` on the traced module, as on torchvision's MaxViT (22 of them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + _OFFSET
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_tracing_leaves_no_tensor_constants_on_the_model(inplace: bool, tmp_path) -> None:
+    from normfold.io import load_model, save_model
+    from normfold.testing import randomize_batchnorm
+    from normfold.verify import compare
+
+    torch.manual_seed(0)
+    m = _WithTensorConstant().eval()
+    randomize_batchnorm(m, seed=0)
+    x = torch.randn(2, 3, 8, 8)
+    ref = m(x)
+    r = nf.fold_batchnorm(m, inplace=inplace, example_inputs=x)
+    assert len(r.changes) == 1
+    for module in (r.module, m):
+        assert not [k for k in vars(module) if k.startswith("_tensor_constant")]
+    assert compare(ref, r.module(x)).passed
+    # a model without them is one the safe format can describe (it refused `_tensor_constant0 holds a Tensor`)
+    torch.save(_WithTensorConstant().state_dict(), tmp_path / "m.pt")
+    source = load_model(tmp_path / "m.pt", arch="tests.passes.test_base:_WithTensorConstant")
+    folded = nf.fold_batchnorm(source.module.eval(), example_inputs=x)
+    out = save_model(folded.module, tmp_path / "folded.safetensors", source=source)
+    assert compare(folded.module(x), nf.load(out, arch="tests.passes.test_base:_WithTensorConstant")(x)).passed
