@@ -102,7 +102,8 @@ class _ProgramAnalysis(_Analysis):
 
     def _layer_path(self, node: torch.fx.Node) -> str | None:
         if node.op == "call_function" and (op_name(node) in _AVG_POOL or batchnorm_args(node) is not None
-                                           or op_name(node) in ("conv1d", "conv2d", "conv3d", "convolution")):
+                                           or op_name(node) in ("conv1d", "conv2d", "conv3d", "convolution",
+                                                                "linear")):
             return innermost_module_path(node) or node.name
         return None
 
