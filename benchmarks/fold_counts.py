@@ -27,6 +27,7 @@ Usage::
     python benchmarks/fold_counts.py --only timm --pt2   # a subset, with the .pt2 column
     python benchmarks/fold_counts.py levit_128s mixnet_s # named models (timm or torchvision)
     python benchmarks/fold_counts.py --merge-only        # without the fuse / direct columns: quicker
+    python benchmarks/fold_counts.py --only torchvision --shard 1/3   # every 3rd model from the 2nd
 
 Prints one line per model as it goes, then the table and the totals (markdown).
 """
@@ -255,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pt2", action="store_true", help="also export each model and fold the ExportedProgram")
     ap.add_argument("--merge-only", action="store_true",
                     help="leave out the fuse and direct-fold columns (they do not depend on merging): quicker")
+    ap.add_argument("--shard", default="0/1", metavar="I/N",
+                    help="measure every N-th model from the I-th (0-based), to split the zoo over processes")
+    ap.add_argument("--skip", type=int, default=0, metavar="K",
+                    help="leave out the first K models of the list (resume a run that was stopped)")
     ap.add_argument("--reasons", action="store_true", help="print why each remaining BatchNorm was left")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -274,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "extra"):
             jobs += [(m, "timm extra") for m in TIMM_EXTRA]
 
+    shard, shards = (int(v) for v in args.shard.split("/"))
+    jobs = jobs[args.skip:][shard::shards]
     rows: list[Row] = []
     for name, source in jobs:
         t0 = time.perf_counter()
