@@ -28,7 +28,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from normfold.graph import eval_mode, is_frozen_batchnorm
-from normfold.tolerances import Tolerance, for_dtype
+from normfold.tolerances import Tolerance
+from normfold.verify import compare
 
 # One intra-op thread by default: on a machine whose 2 cores are shared with other processes, torch's
 # OpenMP threads spin at every barrier while the other thread is descheduled, and a 2-thread forward
@@ -125,24 +126,20 @@ def output_error(a: Any, b: Any) -> tuple[float, float]:
 
 
 def assert_outputs_close(actual: Any, reference: Any, tol: Tolerance | None = None, *, what: str = "") -> None:
-    """Assert ``|actual - reference| <= atol + (rtol + scaled) * max|reference|`` for every output tensor.
+    """Assert that ``actual`` computes ``reference``'s outputs by the one rule, :func:`normfold.verify.compare`.
 
-    ``tol`` defaults to :func:`normfold.tolerances.policy` of the reference's dtype (the one rule of
-    :func:`normfold.verify`: ``scaled * max|reference|``).
-    Every value must be finite where the reference is (a fold that produces
-    inf/NaN fails even if the reference is large).
+    ``tol=None`` holds each output to :data:`normfold.tolerances.POLICY` of its comparison dtype
+    (``max |a - b| <= scaled * max|reference|`` per output); an explicit ``tol`` replaces it for every
+    output. Every value must be finite where the reference is (a fold that produces inf/NaN fails even
+    if the reference is large).
     """
     ta, tb = flatten_outputs(actual), flatten_outputs(reference)
     assert ta, "no tensor in the output"
-    if tol is None:
-        tol = for_dtype(tb[0].dtype)
+    assert len(ta) == len(tb), f"{what}: {len(ta)} outputs, the reference has {len(tb)}"
     for x, y in zip(ta, tb):
         assert torch.equal(torch.isfinite(x), torch.isfinite(y)), f"{what}: non-finite values differ"
-    abs_err, _ = output_error(ta, tb)
-    scale = max((y.double().abs().max().item() for y in tb if y.is_floating_point() and y.numel()), default=0.0)
-    bound = tol.atol + (tol.rtol + tol.scaled) * scale
-    assert abs_err <= bound, (f"{what}: max abs error {abs_err:.3g} > {bound:.3g} "
-                              f"({tol.describe(scale)})")
+    verdict = compare(tb, ta, tolerance=tol)
+    assert verdict.passed, f"{what}: {verdict.describe()}"
 
 
 def assert_models_close(actual: nn.Module, reference: nn.Module, inputs: Sequence[Any],
