@@ -107,7 +107,8 @@ from normfold.graph import GNode, ModelGraph, as_input_tuple, build_graph, descr
 from normfold.norms import set_submodule
 from normfold.passes.base import Change, Pass, PassResult, Skip
 from normfold.passes.fold_batchnorm import producer_problem
-from normfold.tolerances import LAYERNORM_TO_RMSNORM, MEAN_FREE_RATIO, for_dtype
+from normfold.tolerances import MEAN_FREE_RATIO, for_dtype
+from normfold.verify import compare
 
 __all__ = ["LayerNormToRMSNorm", "layernorm_to_rmsnorm", "RMSNormWithBias", "CentredRMSNorm", "CentredOutput",
            "CentredInput", "MODES"]
@@ -1589,18 +1590,14 @@ class LayerNormToRMSNorm(Pass):
         for path in bad:
             log.warning("%s: converted as exact but its input has |mean|/rms = %.3g on the example inputs (limit %g); "
                         "the swap may not be exact", path, layers[path]["input_mean_over_rms"], limit)
-        # With every swap exact, the whole model must match the original within rounding.
+        # With every swap exact, the whole model must match the original within rounding: the one rule
+        # (normfold.verify, the policy of the comparison dtype) that `normfold convert` judges by too
         if converted and all(p.conversion == "exact" for p in converted):
-            tol = LAYERNORM_TO_RMSNORM.get(dtype, for_dtype(dtype))
-            scale = max((y.double().abs().max().item() for y in _flatten(reference.output)
-                         if y.is_floating_point() and y.numel()), default=0.0)
-            # the bound at the largest output magnitude: |a - b| <= atol + (rtol + scaled) * max|ref|
-            rel = tol.rtol + getattr(tol, "scaled", 0.0)
-            within = out_abs <= tol.atol + rel * scale
-            result.metrics["output_within_tolerance"] = within
-            if not within:
-                log.warning("layernorm_to_rmsnorm: every swap is exact but the output changed by %.3g (tolerance "
-                            "%g + %g * %.3g)", out_abs, tol.atol, rel, scale)
+            verdict = compare(reference.output, now.output)
+            result.metrics["output_within_tolerance"] = verdict.passed
+            if not verdict.passed:
+                log.warning("layernorm_to_rmsnorm: every swap is exact but the output changed: %s",
+                            verdict.describe())
         else:
             result.metrics["output_within_tolerance"] = None
 
@@ -1713,7 +1710,7 @@ def layernorm_to_rmsnorm(model: nn.Module, *, mode: str = "auto", example_inputs
     for the whole model. ``metrics["exact_verified"]`` says whether every
     exact layer's input was mean-free on the example inputs, and
     ``metrics["output_within_tolerance"]`` (when every swap is exact) whether
-    the output matches within :data:`normfold.tolerances.LAYERNORM_TO_RMSNORM`.
+    the output matches by :func:`normfold.verify.compare` (the policy of its dtype).
     """
     if mode not in MODES:
         raise UsageError(f"layernorm_to_rmsnorm: mode must be one of {', '.join(MODES)}, got {mode!r}")
