@@ -349,6 +349,17 @@ def load(path: str | os.PathLike, *, arch: str | None = None, trust: bool = Fals
     return load_model(path, trust=trust, arch=arch).module
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in memory aligned to 64 bytes, copied only where it is not.
+
+    A tensor read from a safetensors file may start at any byte offset of the file; CPU convolutions pick
+    other kernels for unaligned data, so the loaded model would round differently from the one saved
+    (measured: 1.2e-4 of the output's scale on timm repvgg_d2se, where the same weights aligned are
+    bit-identical).
+    """
+    return t.clone() if t.numel() and t.data_ptr() % 64 else t
+
+
 def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     try:
         from safetensors import safe_open
@@ -357,7 +368,7 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] 
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: _aligned(f.get_tensor(k)) for k in f.keys()}
     except Exception as exc:
         head = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
         raise ModelLoadError(f"{p} is not a readable safetensors file ({head}); re-save it with "
