@@ -48,6 +48,8 @@ import torch.fx
 from torch import nn
 from torch.nn import functional as F
 
+from normfold.passes.merge_tracer import MergeTracer, timm_notrace
+
 __all__ = ["merged_block_module"]
 
 #: (parameter name, default) after the input, as the function's signature has them
@@ -173,14 +175,13 @@ def _whole_child_call(gm: torch.fx.GraphModule, block: nn.Module, name: str, nod
     every module and tensor it reaches must be the very object ``gm`` holds. Then ``child(prev)`` runs
     the same ops on the same tensors as ``nodes``.
     """
-    from normfold.passes.merge_branches import _timm_notrace, _Tracer  # merge_branches imports this module
 
     child = block._modules.get(name)
     # the trace went through the child's forward without its hooks; calling it would run them
     if child is None or any(m._forward_hooks or m._forward_pre_hooks for m in child.modules()):
         return None
     try:
-        graph = _Tracer(*_timm_notrace()).trace(child)
+        graph = MergeTracer(*timm_notrace()).trace(child)
     except Exception:  # a child that does not trace alone cannot be checked: keep the GraphModule
         return None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]

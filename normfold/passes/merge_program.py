@@ -46,9 +46,9 @@ from normfold.passes.base import Change, Pass, Skip
 from normfold.passes.fold.aten_reader import EditableProgram, batchnorm_args, op_name, parameter_path, size_hint
 from normfold.passes.fold.program_pass import ExportedPassResult
 from normfold.passes.fold.reader import bind_args, flat_nodes
-from normfold.passes.merge_branches import (PASS_NAME, _Analysis, _Barrier, _Const, _Term, _common_scope, _regroup,
-                                            batchnorm_term, conv_term, linear_term, mergeable, pool_term,
-                                            region_tops, worth_merging)
+from normfold.passes.merge_algebra import (PASS_NAME, _Analysis, _Barrier, _Const, _Term, _common_scope, _regroup,
+                                           batchnorm_term, conv_term, linear_term, mergeable, pool_term,
+                                           region_tops, worth_merging)
 
 __all__ = ["MergeBranchesProgram", "merge_program"]
 

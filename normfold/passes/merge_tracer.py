@@ -1,0 +1,39 @@
+"""The torch.fx tracer branch merging reads blocks with (:mod:`normfold.passes.merge_branches`, :mod:`normfold.passes.merge_modules`).
+
+Convs, norms (timm's BatchNormAct included) and timm's own no-trace modules are leaves: the merge reads a
+block as the calls of those modules and the ops between them. timm's no-trace functions are wrapped, as
+timm's own tracing does.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.fx
+from torch import nn
+
+from normfold.graph import is_leaf_type
+from normfold.norms import is_batchnorm
+
+__all__ = ["MergeTracer", "timm_notrace"]
+
+
+class MergeTracer(torch.fx.Tracer):
+    """Keeps conv, norm (BatchNormAct included) and timm's no-trace modules as leaves."""
+
+    def __init__(self, leaves: tuple[type, ...], autowrap: tuple[Callable, ...]) -> None:
+        super().__init__(autowrap_functions=autowrap)
+        self._leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if is_leaf_type(m) or is_batchnorm(m) or (self._leaves and isinstance(m, self._leaves)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    try:  # timm is optional: its blocks trace with its own no-trace registry when it is installed
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:
+        return (), ()
+    return tuple(get_notrace_modules()), tuple(f for f in get_notrace_functions() if callable(f))
