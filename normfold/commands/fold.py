@@ -61,8 +61,9 @@ class FoldCommand(Command):
         p.add_argument("--opset", type=int, default=None, help="ONNX opset of --onnx (default: from the norm layers)")
         p.add_argument("--merge-branches", action="store_true",
                        help="also merge the parallel branches of re-parameterizable blocks (RepVGG, MobileOne, "
-                            "FastViT, ...) into one conv each; a merged block is a GraphModule, so write it "
-                            "with -o OUT.pt2 or --pickle")
+                            "FastViT, ...) into one conv each, on a module or a .pt2; a merged block becomes "
+                            "nn.Sequential(merged_conv, ...) where it is a chain (any output format), else a "
+                            "GraphModule (write -o OUT.pt2 or --pickle)")
         add_check_arguments(p)
         add_safety_arguments(p)
 
