@@ -173,6 +173,17 @@ def _plain_attrs(module: nn.Module, path: str, allowed: Iterable[str], factory_m
             for name, value in _raw_attrs(module).items()}
 
 
+def _filled_cache(built: Any, now: Any) -> bool:
+    """A dict the fresh build has empty and a forward filled with tensors: a cache, not structure.
+
+    timm's LeViT and EfficientFormer keep ``attention_bias_cache = {device: tensor}``, filled by an
+    eval forward (every rewrite verifies with one) and refilled on the next when empty, so the
+    rebuilt model's empty dict is the right state to replay.
+    """
+    return isinstance(built, dict) and not built and isinstance(now, dict) and \
+        all(isinstance(v, torch.Tensor) for v in now.values())
+
+
 def _same(a: Any, b: Any) -> bool:
     if a is b:
         return True
@@ -335,7 +346,7 @@ def derive_recipe(base: nn.Module, rewritten: nn.Module, *, factory_module: str 
             continue
         new_attrs, old_attrs = _raw_attrs(module), _raw_attrs(old)
         changed_attrs = {k: _encode(v, f"{path or '<model>'}.{k}", allowed, factory_module) for k, v in new_attrs.items()
-                         if k not in old_attrs or not _same(old_attrs[k], v)}
+                         if k not in old_attrs or not (_same(old_attrs[k], v) or _filled_cache(old_attrs[k], v))}
         removed_attrs = [k for k in old_attrs if k not in new_attrs]
         new_tables, old_tables = _tables(module), _tables(old)
         tables_differ = new_tables != old_tables

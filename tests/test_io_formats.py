@@ -741,3 +741,43 @@ def test_safetensors_tensors_are_read_aligned(tmp_path) -> None:
     state, _ = _read_safetensors(tmp_path / "odd.safetensors")
     assert all(t.data_ptr() % 64 == 0 for t in state.values())
     assert state["b"].shape == (5, 7)
+
+
+class _CachingBlock(torch.nn.Module):
+    """A forward that caches a tensor computed from a parameter in a dict, as timm's LeViT does with its
+    ``attention_bias_cache`` (filled by an eval forward, refilled when empty)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.bias = torch.nn.Parameter(torch.randn(4))
+        self.bias_cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = str(x.device)
+        if key not in self.bias_cache:
+            self.bias_cache[key] = self.bias.view(1, 4, 1, 1) * 2
+        return self.bn(self.conv(x)) + self.bias_cache[key]
+
+
+def test_a_forward_cache_is_not_recorded(tmp_path) -> None:
+    """A dict a forward filled with tensors (empty in a fresh build) is a cache: the safe file does not
+    record it, the loaded model refills it (it refused `bias_cache['cpu'] holds a Tensor`, as on levit_128s)."""
+    from normfold.io import load_model, save_model
+    from normfold.testing import randomize_batchnorm
+
+    torch.manual_seed(0)
+    torch.save(_CachingBlock().state_dict(), tmp_path / "m.pt")
+    arch = "tests.test_io_formats:_CachingBlock"
+    source = load_model(tmp_path / "m.pt", arch=arch)
+    model = source.module.eval()
+    randomize_batchnorm(model, seed=0)
+    x = torch.randn(2, 3, 8, 8)
+    folded = nf.fold_batchnorm(model, example_inputs=x)
+    folded.module(x)
+    assert folded.module.bias_cache
+    out = save_model(folded.module, tmp_path / "folded.safetensors", source=source)
+    loaded = nf.load(out, arch=arch).eval()
+    assert not loaded.bias_cache
+    assert nf.verify(model, loaded, x).passed
