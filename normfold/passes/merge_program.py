@@ -30,7 +30,6 @@ the new conv's metadata is the value of the node it replaces.
 
 from __future__ import annotations
 
-import copy
 import operator
 from dataclasses import replace
 from typing import Any
@@ -39,12 +38,11 @@ import torch
 import torch.fx
 from torch.export import ExportedProgram
 
-from normfold.errors import NormfoldError
 from normfold.graph import innermost_module_path
 from normfold.norms import affine_from_statistics
-from normfold.passes.base import Change, Pass, Skip
+from normfold.passes.base import Change, Skip
 from normfold.passes.fold.aten_reader import EditableProgram, batchnorm_args, op_name, parameter_path, size_hint
-from normfold.passes.fold.program_pass import ExportedPassResult
+from normfold.passes.fold.program_pass import ExportedPassResult, ProgramPass
 from normfold.passes.fold.reader import bind_args, flat_nodes
 from normfold.passes.merge_algebra import (PASS_NAME, _Analysis, _Barrier, _Const, _Term, _common_scope, _regroup,
                                            batchnorm_term, conv_term, linear_term, mergeable, pool_term,
@@ -296,23 +294,13 @@ def _modifies_in_place(node: torch.fx.Node) -> bool:
         node.target._schema.is_mutable
 
 
-class MergeBranchesProgram(Pass):
+class MergeBranchesProgram(ProgramPass):
     """Merge the parallel branches of re-parameterizable blocks of an ExportedProgram; see the module docstring."""
 
     name = PASS_NAME
 
-    def __call__(self, program: Any, *, inplace: bool = False) -> ExportedPassResult:  # type: ignore[override]
-        if not isinstance(program, ExportedProgram):
-            raise NormfoldError(f"{self.name}: expected a torch.export.ExportedProgram, got {type(program).__name__}")
-        if inplace:
-            return self.call(program)
-        ep = copy.deepcopy(program)
-        # copy.deepcopy renames nodes that shadow builtins but not the signature (as the fold's program pass)
-        rename = {a.name: b.name for a, b in zip(program.graph.nodes, ep.graph.nodes) if a.name != b.name}
-        return _ProgramMerge(EditableProgram(ep, rename)).run()
-
-    def call(self, module: Any) -> ExportedPassResult:
-        return _ProgramMerge(EditableProgram(module)).run()
+    def run_program(self, prog: EditableProgram) -> ExportedPassResult:
+        return _ProgramMerge(prog).run()
 
 
 class _ProgramMerge:

@@ -25,6 +25,7 @@ FrozenBatchNorm2d (its forward is plain arithmetic, not a batch_norm op).
 
 from __future__ import annotations
 
+import abc
 import copy
 import operator
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from normfold.passes.fold.flow import BackwardPlan, ForwardPlan, check_constrain
 from normfold.passes.fold.reader import flat_nodes
 from normfold.passes.fold.refusal import Refusal
 
-__all__ = ["FoldBatchNormProgram", "ExportedPassResult", "fold_exported_program", "program_inputs"]
+__all__ = ["FoldBatchNormProgram", "ExportedPassResult", "ProgramPass", "fold_exported_program", "program_inputs"]
 
 
 @dataclass
@@ -57,7 +58,32 @@ class ExportedPassResult(PassResult):
     program: Any = None
 
 
-class FoldBatchNormProgram(Pass):
+class ProgramPass(Pass):
+    """A pass over a torch.export ExportedProgram: subclasses implement :meth:`run_program`.
+
+    ``pass_(program, inplace=False)`` works on a deep copy (the caller's program is not touched);
+    the result is an :class:`ExportedPassResult` whose ``program`` is the rewritten program.
+    """
+
+    def __call__(self, program: Any, *, inplace: bool = False) -> ExportedPassResult:  # type: ignore[override]
+        if not isinstance(program, ExportedProgram):
+            raise NormfoldError(f"{self.name}: expected a torch.export.ExportedProgram, got {type(program).__name__}")
+        if inplace:
+            return self.call(program)
+        ep = copy.deepcopy(program)
+        # copy.deepcopy renames nodes that shadow builtins but not the signature: map the names back
+        rename = {a.name: b.name for a, b in zip(program.graph.nodes, ep.graph.nodes) if a.name != b.name}
+        return self.run_program(EditableProgram(ep, rename))
+
+    def call(self, module: Any) -> ExportedPassResult:
+        return self.run_program(EditableProgram(module))
+
+    @abc.abstractmethod
+    def run_program(self, prog: EditableProgram) -> ExportedPassResult:
+        """Rewrite ``prog`` and build the new program."""
+
+
+class FoldBatchNormProgram(ProgramPass):
     """Fold every foldable BatchNorm of an ExportedProgram; see the module docstring.
 
     ``through_ops=False`` and ``forward=False`` leave only the direct layer -> BatchNorm fold.
@@ -75,19 +101,7 @@ class FoldBatchNormProgram(Pass):
         self.weight_standardization = weight_standardization
         self.only = only
 
-    def __call__(self, program: Any, *, inplace: bool = False) -> ExportedPassResult:  # type: ignore[override]
-        if not isinstance(program, ExportedProgram):
-            raise NormfoldError(f"{self.name}: expected a torch.export.ExportedProgram, got {type(program).__name__}")
-        if inplace:
-            return self.call(program)
-        ep = copy.deepcopy(program)
-        rename = {a.name: b.name for a, b in zip(program.graph.nodes, ep.graph.nodes) if a.name != b.name}
-        return self._run(EditableProgram(ep, rename))
-
-    def call(self, module: Any) -> ExportedPassResult:
-        return self._run(EditableProgram(module))
-
-    def _run(self, prog: EditableProgram) -> ExportedPassResult:
+    def run_program(self, prog: EditableProgram) -> ExportedPassResult:
         """Bake constant batch_norms, fold every BatchNorm op, build the new program."""
         d = ProgramReader(prog)
         result = ExportedPassResult(module=None)  # type: ignore[arg-type]
