@@ -28,11 +28,16 @@ float64. The rules that build terms:
   ``W[o, i] = sum_m W_op[o, m] W_T[m, i]``, ``b = W_op b_T + b_op`` -- exact. A
   BatchNorm or a scale after the add is this case; a 1x1 conv is taken in only
   after a merged sum (a plain conv -> 1x1 chain is not a re-parameterizable block).
-* ``op(T)`` where ``T`` is pointwise and ``op`` has a kxk kernel (the 1x1 ->
+* ``op(T)`` where ``T`` has one tap and stride 1 and ``op`` has a kxk kernel (the 1x1 ->
   kxk rule, the avg-pool branch of DBB): ``W[o, i, k] = sum_m W_op[o, m, k] W_T[m, i]``,
-  ``b = b_op + sum_{m,k} W_op[o, m, k] b_T[m]``. Exact only when ``op`` reads
-  no padding or ``b_T = 0``: ``op`` pads ``T``'s output with zeros where the
-  merged conv would see ``b_T``. Otherwise the branch is left, with that reason.
+  ``b = b_op + sum_{m,k} W_op[o, m, k] b_T[m]``, padding ``lo_op + lo_T`` / ``hi_op + hi_T``.
+  Exact when ``op`` reads no padding or ``b_T = 0``: ``op`` pads ``T``'s output with zeros where
+  the merged conv would see ``b_T``. Otherwise the branch is left, with that reason.
+* a pointwise ``T`` zero-padded by ``p`` on every side whose border is then written with a
+  per-channel constant ``c`` (DBB's ``BNAndPadLayer``, read by the module pass) is, when
+  ``c = b_T``, ``T`` with padding ``lo = hi = p``: a 1x1 conv of ``x`` with padding ``p`` reads
+  zeros at the border and gives ``b_T`` there. The kxk conv with padding 0 after it then
+  composes by the rule above into one conv with padding ``p``. Another ``c`` is refused, naming both.
 * an ``nn.Linear`` is a pointwise term of rank 0 on the *last* axis: Linears of one
   input, the identity and scalars add and compose into one Linear (RepViT's
   ``(head(x) + head_dist(x)) / 2``), exact on a tensor of any rank. A Linear does
@@ -75,10 +80,10 @@ _DIV = {operator.truediv, torch.div, "div"}
 _NEG = {operator.neg, torch.neg, "neg"}
 #: ops evaluated on constants (parameters, buffers, numbers): layer-scale ``gamma.view(1, -1, 1, 1)`` and the like
 _CONST_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "flatten", "contiguous", "float", "double",
-                  "to", "mul", "add", "sub", "div", "neg"}
-_CONST_FUNCTIONS = {operator.mul, operator.add, operator.sub, operator.truediv, operator.neg,
+                  "to", "detach", "mul", "add", "sub", "div", "neg"}
+_CONST_FUNCTIONS = {operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, torch.sqrt,
                     torch.unsqueeze, torch.reshape, torch.squeeze, torch.flatten, torch.mul, torch.add}
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 
 
 # ----------------------------------------------------------------------------------------------- terms
@@ -138,6 +143,10 @@ class _Term:
     @property
     def kernel(self) -> tuple[int, ...]:
         return tuple(self.weight.shape[2:])
+
+    def is_one_tap(self) -> bool:
+        """1 tap on every axis and stride 1; padding allowed (a padded 1x1 conv)."""
+        return all(k == 1 for k in self.kernel) and all(s == 1 for s in self.stride)
 
     def is_pointwise(self) -> bool:
         """1 tap on every axis, stride 1, no padding (or no spatial axes known yet)."""
@@ -328,7 +337,7 @@ def _compose(outer: _Term, inner: _Term) -> _Term | str:
         return replace(out, nodes=inner.nodes + outer.nodes, paths=inner.paths + outer.paths,
                        dtype=inner.dtype or outer.dtype, device=inner.device or outer.device,
                        requires_grad=inner.requires_grad or outer.requires_grad, linear=inner.linear or outer.linear)
-    if not (outer.is_pointwise() or inner.is_pointwise()):
+    if not (outer.is_pointwise() or inner.is_one_tap()):
         return (f"a kernel {outer.kernel} after a kernel {inner.kernel} is not one conv "
                 "(only a pointwise conv on either side composes exactly)")
     pair = _common_chain(_f64(outer), _f64(inner))
@@ -357,7 +366,9 @@ def _compose(outer: _Term, inner: _Term) -> _Term | str:
         b = (wo @ inner.bias.reshape(g, m, 1)).reshape(-1) + outer.bias
         return _Term(root=inner.root, weight=w, bias=b, groups=outer.groups, rank=inner.rank, stride=inner.stride,
                      dilation=inner.dilation, lo=inner.lo, hi=inner.hi, **meta)
-    if inner.is_pointwise():
+    if inner.is_one_tap():
+        # a padded one-tap inner (DBB's border-valued pad) holds b_T on its border: the merged conv's
+        # zero padding of x gives b_T there too. The outer's own zero padding gives 0, not b_T.
         if (any(outer.lo) or any(outer.hi)) and bool(inner.bias.ne(0).any()):
             return ("a pointwise branch with a bias feeds a padded op: the merged conv would read "
                     "zeros where the original reads that bias at the border")
@@ -366,8 +377,10 @@ def _compose(outer: _Term, inner: _Term) -> _Term | str:
         wi = inner.weight.reshape(g, m, -1)
         w = torch.einsum("gomk,gmi->goik", wo, wi).reshape(outer.weight.shape[0], wi.shape[-1], *k)
         b = (wo.sum(-1) @ inner.bias.reshape(g, m, 1)).reshape(-1) + outer.bias
+        lo = tuple(o + i for o, i in zip(outer.lo, inner.lo))
+        hi = tuple(o + i for o, i in zip(outer.hi, inner.hi))
         return _Term(root=inner.root, weight=w, bias=b, groups=outer.groups, rank=outer.rank, stride=outer.stride,
-                     dilation=outer.dilation, lo=outer.lo, hi=outer.hi, **meta)
+                     dilation=outer.dilation, lo=lo, hi=hi, **meta)
     return (f"a kernel {outer.kernel} after a kernel {inner.kernel} is not one conv "
             "(only a pointwise conv on either side composes exactly)")
 
@@ -556,10 +569,16 @@ class _Analysis:
         self.skips.append((paths, reason))
         self.skip_nodes.append(node)
 
+    def _readers(self, node: torch.fx.Node) -> int:
+        """Users of ``node`` that read it; the in-place border writes its own term absorbed do not count."""
+        st = self.status.get(node)
+        own = set(st.nodes) if isinstance(st, _Term) else set()
+        return sum(u not in own for u in node.users)
+
     # an operand as a term: its own term when this user is its only reader, else the identity of it
     def _operand(self, node: torch.fx.Node) -> _Term:
         st = self.status.get(node)
-        if isinstance(st, _Term) and len(node.users) == 1:
+        if isinstance(st, _Term) and self._readers(node) == 1:
             return replace(st, inputs=[node])
         return _identity(node)
 
@@ -661,14 +680,16 @@ class _Analysis:
         for chain in (chain_a, chain_b):
             path = chain[:chain.index(fork)]
             modules = tuple(p for n in path if (p := self._layer_path(n)) is not None)
-            weighted = sum(self._weighted(n) for n in path)
+            # a sum already merged from the fork (the first branches of a chain of adds) is not one long branch
+            weighted = sum(self._weighted(n) for n in path
+                           if not (isinstance(st := self.status.get(n), _Term) and st.merges and st.root is fork))
             barriers = [self.status[n] for n in path if isinstance(self.status.get(n), _Barrier)]
             barriers += [_Barrier(st.refusal) for n in path
                          if isinstance(st := self.status.get(n), _Term) and st.refusal]
             nonlinear = [s for s in barriers if s.nonlinear]
             if (nonlinear and weighted > 1) or weighted > 2:
                 return  # a long branch: not a re-parameterizable block
-            shared = [n for n in path if isinstance(self.status.get(n), _Term) and len(n.users) > 1]
+            shared = [n for n in path if isinstance(self.status.get(n), _Term) and self._readers(n) > 1]
             if shared:
                 readers = ", ".join(u.name for u in shared[0].users if u is not node)
                 found.append(((where, *modules), f"a branch output ({shared[0].name}) is also read by {readers}"))

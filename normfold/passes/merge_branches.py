@@ -41,12 +41,15 @@ module. Each merge is a :class:`Change` naming the block and the modules merged.
 from __future__ import annotations
 
 import logging
+import operator
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
 from torch.export import ExportedProgram
+from torch.nn import functional as F
 
 from normfold.graph import eval_mode, is_leaf_type
 from normfold.norms import batchnorm_affine, batchnorm_remnant, is_batchnorm, set_submodule
@@ -54,8 +57,8 @@ from normfold.passes.base import Change, Pass, PassResult, Skip
 from normfold.passes.merge_algebra import (batchnorm_term, conv_term, linear_term, mergeable, PASS_NAME, pool_term,
                                            region_tops, worth_merging, _ADD, _Analysis, _Barrier, _common_scope,
                                            _Const, _CONST_FUNCTIONS, _CONST_METHODS, _CONV_FORWARDS, _DIV, _DROPOUTS,
-                                           _is_inplace, _MUL, _NEG, _PASS_THROUGH, _POOLS, _regroup, _scope, _SUB,
-                                           _Term)
+                                           _is_inplace, _MUL, _NEG, _PASS_THROUGH, _per_channel, _POOLS, _regroup,
+                                           _scope, _SUB, _Term, _with_channels, _with_rank)
 from normfold.passes.merge_modules import merged_block_module
 from normfold.passes.merge_program import merge_program
 from normfold.passes.merge_tracer import MergeTracer, timm_notrace
@@ -139,6 +142,15 @@ class _BlockAnalysis(_Analysis):
                 return op
             return self._apply(node, op, args[0])
         target = node.target
+        if node.op == "call_function" and target is operator.setitem and isinstance(args[0], torch.fx.Node) \
+                and args[0].op == "call_function" and args[0].target is F.pad:
+            # the pad's term is decided at its last border write, once the border value is known
+            # (DBB computes it after the pad); every reader of the pad comes after that write
+            writes = [u for u in args[0].users if u.target is operator.setitem]
+            if all(w in self.status for w in writes if w is not node):
+                padded = self._border_pad(args[0])
+                if padded is not None:
+                    self.status[args[0]] = padded
         if node.op in ("call_function", "call_method") and not node.kwargs:
             if (target in _ADD or target in _SUB) and len(args) == 2:
                 return self._add(node, args[0], args[1], -1.0 if target in _SUB else 1.0)
@@ -148,6 +160,64 @@ class _BlockAnalysis(_Analysis):
                 return self._mul(node, args[0], -1.0, div=False)
         name = getattr(target, "__name__", str(target))
         return _Barrier(f"{name} is not one of the linear ops this pass merges", nonlinear=True)
+
+    def _border_pad(self, node: torch.fx.Node) -> _Term | _Barrier | None:
+        """``F.pad(T, [p] * 2r)`` whose border is then overwritten with a per-channel constant ``c``.
+
+        DBB's ``BNAndPadLayer`` writes the border of the zero-padded BN output with the BN's own bias,
+        one ``setitem`` per side (``out[:, :, 0:p, :] = c``, ``out[:, :, -p:, :] = c``, ...), and the kxk
+        conv after it has padding 0. For a pointwise ``T = W x + b`` and ``c = b`` the padded tensor is
+        ``T`` with padding ``p`` (a 1x1 conv of ``x`` zero-padded by ``p`` gives ``b`` on the border), the
+        algebra's term. ``c`` is compared in float64 relative to ``max |b|``, within the rounding of
+        the dtype ``c`` was computed in. None: not this pattern (the pad stays an op this pass does
+        not merge); a barrier: this pattern, but not exact, with the reason.
+        """
+        args = list(node.args) + [None] * (4 - len(node.args))
+        src, pad = args[0], node.kwargs.get("pad", args[1])
+        mode, value = node.kwargs.get("mode", args[2] or "constant"), node.kwargs.get("value", args[3])
+        if not isinstance(src, torch.fx.Node) or not isinstance(pad, (list, tuple)) or not pad or len(pad) % 2 \
+                or len(set(pad)) != 1 or not isinstance(pad[0], int) or pad[0] <= 0 or mode != "constant" \
+                or value not in (None, 0):
+            return None
+        p, rank = pad[0], len(pad) // 2
+        writes = [u for u in node.users if u.op == "call_function" and u.target is operator.setitem]
+        readers = [u for u in node.users if u not in writes]
+        if not writes or len(readers) != 1 or any(len(w.args) != 3 or w.kwargs for w in writes):
+            return None
+        sides = {_border_side(w.args[1], p, rank) for w in writes}
+        if len(writes) != 2 * rank or None in sides or len(sides) != 2 * rank or \
+                any(w.args[2] is not writes[0].args[2] for w in writes):
+            return None  # not exactly the border, once per side, with one value
+        after = False  # every write before the one reader: it must see the finished border
+        for n in node.graph.nodes:
+            if n is readers[0]:
+                after = True
+            elif after and n in writes:
+                return None
+        const = self._value_or_term(writes[0].args[2])
+        t = _with_rank(self._operand(src), rank)
+        if const is None or isinstance(t, str):
+            return None
+        where = self._path(_scope(node)) or "<model>"
+        c = _per_channel(const, rank)
+        if isinstance(c, str):
+            return _Barrier(f"{where} writes the border of a padded tensor with {c}")
+        if not t.is_pointwise():
+            return _Barrier(f"{where} pads the output of a {t.kernel} kernel with a border value: only a "
+                            "pointwise op before it makes it one conv")
+        t = _with_channels(t, c[0].numel()) if c[0].numel() > 1 else t
+        if isinstance(t, str):
+            return _Barrier(f"{where}: {t}")
+        cv, b = c[0].expand_as(t.bias), t.bias
+        dtype = const.dtype if isinstance(const, torch.Tensor) else (t.dtype or torch.float32)
+        # c is computed in the model's dtype, b_T here in float64: equal within a few roundings of dtype
+        tol = 64 * torch.finfo(dtype).eps * max(float(b.abs().max()), torch.finfo(dtype).tiny)
+        diff = (cv - b).abs()
+        if float(diff.max()) > tol:
+            i = int(diff.argmax())
+            return _Barrier(f"{where} pads with border value {float(cv[i]):.6g} where its input's bias is "
+                            f"{float(b[i]):.6g} (channel {i}): only that bias makes the padded chain one conv")
+        return replace(t, lo=(p,) * rank, hi=(p,) * rank, nodes=t.nodes + [node, *writes], inputs=[src])
 
     def _const(self, node: torch.fx.Node) -> _Const | None:
         ok = (node.op == "call_method" and node.target in _CONST_METHODS) or \
@@ -175,6 +245,27 @@ class _BlockAnalysis(_Analysis):
                 return 3  # an opaque module with weights (attention, an MLP): never one branch of a block
             return sum(isinstance(sub, (nn.modules.conv._ConvNd, nn.Linear)) for sub in m.modules())
         return 0
+
+
+def _border_side(index: Any, p: int, rank: int) -> tuple[int, int] | None:
+    """(axis, 0 for the first ``p`` / 1 for the last ``p``) when ``index`` selects one border slab of a
+    tensor of ``rank`` spatial axes padded by ``p`` (``[:, :, 0:p, :]``, ``[:, :, -p:]``); else None."""
+    index = index if isinstance(index, tuple) else (index,)
+    if len(index) > 2 + rank or not all(isinstance(i, slice) for i in index):
+        return None
+    index = index + (slice(None),) * (2 + rank - len(index))
+    whole = slice(None)
+    if index[0] != whole or index[1] != whole or any(i.step not in (None, 1) for i in index):
+        return None
+    cut = [(d, i) for d, i in enumerate(index[2:]) if (i.start, i.stop) != (None, None)]
+    if len(cut) != 1:
+        return None
+    d, i = cut[0]
+    if i.start in (None, 0) and i.stop == p:
+        return d, 0
+    if i.start == -p and i.stop is None:
+        return d, 1
+    return None
 
 
 def _fetch(gm: nn.Module, target: str) -> Any:

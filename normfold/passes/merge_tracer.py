@@ -7,7 +7,8 @@ timm's own tracing does.
 
 from __future__ import annotations
 
-from typing import Callable
+import operator
+from typing import Any, Callable
 
 import torch.fx
 from torch import nn
@@ -18,8 +19,19 @@ from normfold.norms import is_batchnorm
 __all__ = ["MergeTracer", "timm_notrace"]
 
 
+class _Proxy(torch.fx.Proxy):
+    """A proxy that records ``t[idx] = v`` as an ``operator.setitem`` node (a plain fx proxy raises on it)."""
+
+    def __setitem__(self, indices: Any, values: Any) -> torch.fx.Proxy:
+        return self.tracer.create_proxy("call_function", operator.setitem, (self, indices, values), {})
+
+
 class MergeTracer(torch.fx.Tracer):
-    """Keeps conv, norm (BatchNormAct included) and timm's no-trace modules as leaves."""
+    """Keeps conv, norm (BatchNormAct included) and timm's no-trace modules as leaves.
+
+    In-place item assignments are recorded as ``operator.setitem`` nodes (DBB writes the border of a
+    padded tensor so); the merge treats them as in-place ops, except the border writes it reads.
+    """
 
     def __init__(self, leaves: tuple[type, ...], autowrap: tuple[Callable, ...]) -> None:
         super().__init__(autowrap_functions=autowrap)
@@ -29,6 +41,9 @@ class MergeTracer(torch.fx.Tracer):
         if is_leaf_type(m) or is_batchnorm(m) or (self._leaves and isinstance(m, self._leaves)):
             return True
         return super().is_leaf_module(m, qualname)
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _Proxy(node, self)
 
 
 def timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import normfold as nf
 from normfold.passes.merge_branches import merge_branches
-from tests.conftest import assert_models_close, assert_state_equal, randomize_bn_stats, state_snapshot
+from tests.conftest import (assert_models_close, assert_state_equal, randomize_bn_stats, run_counting_ops,
+                            state_snapshot)
 
 
 def _bn_count(m: nn.Module) -> int:
@@ -77,7 +79,7 @@ class DBBlock(nn.Module):
 
     The pointwise convs before the avg-pool and the kxk have no bias and no BN in between, so
     the zero padding of the second op sees what the merged conv sees (DBB pads with the BN
-    value instead; with a bias here the merge is refused, see the refusal test).
+    value instead: :class:`DBBPadBlock`; with a bias here the merge is refused, see the refusal test).
     """
 
     def __init__(self, c: int, k: int = 3) -> None:
@@ -211,6 +213,88 @@ def test_dbb_four_branches_with_avg_pool_and_1x1_kxk_chains():
     r = _merged(model, _x(2, 3, 10, 10))
     assert _conv_count(r.module.body) == 1 and _bn_count(r.module) == 0
     assert not any(isinstance(m, nn.AvgPool2d) for m in r.module.modules())
+
+
+class BNAndPadLayer(nn.Module):
+    """DBB's BNAndPadLayer (DingXiaoH/DiverseBranchBlock): a BN whose output is padded with its own bias.
+
+    ``wrong=True`` writes the border with ``beta`` instead of ``beta - mean * gamma / sqrt(var + eps)``.
+    """
+
+    def __init__(self, pad_pixels: int, num_features: int, wrong: bool = False) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(num_features)
+        self.pad_pixels = pad_pixels
+        self.wrong = wrong
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        output = self.bn(input)
+        if self.pad_pixels > 0:
+            if self.wrong:
+                pad_values = self.bn.bias.detach()
+            else:
+                pad_values = self.bn.bias.detach() - self.bn.running_mean * self.bn.weight.detach() / \
+                    torch.sqrt(self.bn.running_var + self.bn.eps)
+            output = F.pad(output, [self.pad_pixels] * 4)
+            pad_values = pad_values.view(1, -1, 1, 1)
+            output[:, :, 0:self.pad_pixels, :] = pad_values
+            output[:, :, -self.pad_pixels:, :] = pad_values
+            output[:, :, :, 0:self.pad_pixels] = pad_values
+            output[:, :, :, -self.pad_pixels:] = pad_values
+        return output
+
+
+class DBBPadBlock(nn.Module):
+    """DBB as its authors wrote it: the 1x1 -> avg-pool and 1x1 -> kxk branches pad with the BN value
+    (BNAndPadLayer) and the avg-pool and kxk conv after it have padding 0."""
+
+    def __init__(self, c: int, k: int = 3, wrong: bool = False) -> None:
+        super().__init__()
+        self.dbb_origin = _convbn(c, c, k, padding=k // 2)
+        self.dbb_1x1 = _convbn(c, c, 1)
+        self.dbb_avg = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), BNAndPadLayer(k // 2, c),
+                                     nn.AvgPool2d(k, 1, 0), nn.BatchNorm2d(c))
+        self.dbb_1x1_kxk = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), BNAndPadLayer(k // 2, c, wrong),
+                                         nn.Conv2d(c, c, k, 1, 0, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dbb_origin(x) + self.dbb_1x1(x) + self.dbb_avg(x) + self.dbb_1x1_kxk(x)
+
+
+def test_dbb_border_value_padding_makes_the_1x1_kxk_chain_one_conv():
+    chain = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), BNAndPadLayer(2, 8), nn.Conv2d(8, 8, 5, bias=False),
+                          nn.BatchNorm2d(8))
+    model = _prepare(Net(chain, DBBPadBlock(8), DBBPadBlock(8, k=5)))
+    x = _x(2, 3, 11, 9)
+    r = merge_branches(model)
+    v = nf.verify(model, r.module, x)
+    assert v.passed, v.describe()
+    _, bn_ops, conv_ops = run_counting_ops(r.module, x)
+    assert bn_ops == 0 and conv_ops == 2 + 3  # stem, head, one conv per block
+    assert [m.padding for m in r.module.body.modules() if isinstance(m, nn.Conv2d)] == [(2, 2), (1, 1), (2, 2)]
+    assert not r.skipped and _bn_count(r.module) == 0
+
+
+def test_dbb_border_value_other_than_the_bias_is_left():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.origin = _convbn(8, 8, 3, padding=1)
+            self.kxk = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), BNAndPadLayer(1, 8, wrong=True),
+                                     nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8))
+
+        def forward(self, x):
+            return self.origin(x) + self.kxk(x)
+
+    r = _left(_prepare(Net(Block())), _x(2, 3, 6, 6), "pads with border value")
+    assert not r.modified
+    reason = next(s.reason for s in r.skipped if "border value" in s.reason)
+    assert "body.0.kxk.1" in reason and "where its input's bias is" in reason
+    # in the full block the other three branches still merge, and the kxk branch is left with its reason
+    model = _prepare(Net(DBBPadBlock(8, wrong=True)))
+    r = _left(model, _x(2, 3, 6, 6), "pads with border value")
+    assert nf.verify(model, r.module, _x(2, 3, 6, 6)).passed
+    assert r.changes[0].details["branches"] == 3
 
 
 def test_depthwise_branches_identity_and_bn_after_the_add_stay_depthwise():
