@@ -224,6 +224,22 @@ def run_counting_ops(model: nn.Module, inputs: Sequence[Any]) -> tuple[Any, int,
     return out, counter.count, counter.conv
 
 
+def load_benchmark(name: str) -> Any:
+    """The module of ``benchmarks/<name>.py`` (benchmarks are scripts, not a package), for tests that
+    run a benchmark's ``main`` on one small model so that the README's tables cannot rot."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_benchmark_{name}", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 # ----------------------------------------------------------------------------------------------
 # fixtures
 

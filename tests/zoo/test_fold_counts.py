@@ -21,7 +21,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 import normfold as nf
-from tests.conftest import assert_outputs_close, randomize_bn_stats, run_counting
+from tests.conftest import assert_outputs_close, load_benchmark, randomize_bn_stats, run_counting
 
 timm = pytest.importorskip("timm")
 
@@ -97,3 +97,19 @@ def test_mixnet_exported_program_folds_like_the_module() -> None:
     assert {(c.action, c.paths) for c in pt2.changes} == {(c.action, c.paths) for c in module.changes}
     with torch.no_grad():
         assert_outputs_close(pt2.program.module()(*x), model(*x))
+
+
+def test_fold_counts_script_counts_the_merge(capsys) -> None:
+    """The README's zoo totals come from this script: its merge columns on a model that merges."""
+    threads = torch.get_num_threads()
+    try:
+        code = load_benchmark("fold_counts").main(["--merge-only", "repvgg_a0"])
+    finally:
+        torch.set_num_threads(threads)  # the script sets its own
+    out = capsys.readouterr().out
+    assert code == 0, out
+    # BN ops 61: the fold alone leaves the 17 identity BatchNorms, the merge takes them and halves the convs
+    row = next(line for line in out.splitlines() if line.startswith("| repvgg_a0 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3:7] == ["61", "-", "-", "44"] and cells[10] == "17", row
+    assert cells[12:15] == ["61", "0", "44 / 22"], row

@@ -15,7 +15,7 @@ import torch
 
 import normfold as nf
 from normfold.passes.merge_branches import PASS_NAME as MERGE_PASS
-from tests.conftest import assert_outputs_close, randomize_bn_stats, run_counting_ops
+from tests.conftest import assert_outputs_close, load_benchmark, randomize_bn_stats, run_counting_ops
 
 timm = pytest.importorskip("timm")
 from timm.utils.model import reparameterize_model  # noqa: E402
@@ -41,3 +41,18 @@ def test_fold_and_merge_leave_no_more_than_timm(name: str):
         assert ours_bn < timm_bn
     assert ours_conv <= timm_conv
     assert_outputs_close(out, reference, what=f"{name} folded + merged")
+
+
+def test_reparameterize_benchmark_runs_its_table(capsys) -> None:
+    """The README's latency table comes from benchmarks/reparameterize.py: one small run of it."""
+    threads = torch.get_num_threads()
+    try:
+        code = load_benchmark("reparameterize").main(["repvgg_a0", "--runs", "3", "--fold-runs", "1", "--size", "32"])
+    finally:
+        torch.set_num_threads(threads)  # the script sets its own
+    out = capsys.readouterr().out
+    assert code == 0, out  # 1: more BatchNorms or convs than timm, or an error above the tolerance
+    row = next(line for line in out.splitlines() if line.startswith("| repvgg_a0 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "32" and cells[7:9] == ["44 / 44 / 22 / 22", "61 / 17 / 0 / 0"], row
+    assert float(cells[6].split()[0]) > 0, row  # the median paired ratio
