@@ -290,7 +290,7 @@ def build_graph(model: nn.Module, example_inputs: Any = None, *, allow_export: b
         try:
             graph = _LeafTracer().trace(model)
         finally:
-            _scrub_proxies(model)
+            scrub_proxies(model)
     except Exception as exc:  # symbolic tracing fails on data-dependent control flow and more
         fx_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.info("torch.fx could not trace %s (%s); trying torch.export", type(model).__name__, fx_error)
@@ -313,7 +313,7 @@ def build_graph(model: nn.Module, example_inputs: Any = None, *, allow_export: b
 _MODULE_DICTS = frozenset(nn.Module().__dict__)
 
 
-def _scrub_proxies(model: nn.Module) -> None:
+def scrub_proxies(model: nn.Module) -> None:
     """Drop torch.fx Proxies that forward() cached in module dicts while being traced.
 
     timm's LeViT caches ``attention_biases[:, idxs]`` in a dict in eval mode;

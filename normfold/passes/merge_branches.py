@@ -33,9 +33,10 @@ merged (the innermost module whose ``forward`` holds the whole region) gives
 way, at its path, to what :func:`normfold.passes.merge_modules.merged_block_module`
 builds: an ``nn.Sequential`` of the merged conv (``merged_conv``) and whatever
 came after the add (activation, SE, ...) under their own names when the block
-computes a chain, else the ``torch.fx.GraphModule`` the merge wrote. When the
-region is in the model's own ``forward``, the whole model comes back as that
-module. Each merge is a :class:`Change` naming the block and the modules merged.
+computes a chain, else the ``torch.fx.GraphModule`` the merge wrote. Branches
+that meet in the model's own ``forward`` (LeViT's distillation head) are left,
+saying so: merging them would replace the user's class. Each merge is a
+:class:`Change` naming the block and the modules merged.
 """
 
 from __future__ import annotations
@@ -336,10 +337,20 @@ class _MergeRun:
                     result.skipped.append(Skip(PASS_NAME, paths, reason))
             if gm is None or not changes:
                 continue
-            merged_blocks += 1
             gm.train(block.training)
-            result.changes.extend(changes)
             replacement = merged_block_module(gm, block)
+            if not path and not isinstance(block, torch.fx.GraphModule):
+                # the branches meet in the model's own forward: merging would hand back another module in place
+                # of the user's class (a GraphModule, which the safe weights format cannot save either, or a
+                # Sequential); the outer class stays, and these branches with it
+                for c in changes:
+                    result.skipped.append(Skip(PASS_NAME, c.paths, f"{', '.join(c.paths[1:])} meet in the model's "
+                                               f"own forward: merging them would replace its class "
+                                               f"({type(block).__name__}) with a "
+                                               f"{type(replacement).__name__}; left as written"))
+                continue
+            merged_blocks += 1
+            result.changes.extend(changes)
             if path:
                 set_submodule(module, path, replacement)
             else:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch.fx
 from torch import nn
 
-from normfold.graph import is_leaf_type
+from normfold.graph import is_leaf_type, scrub_proxies
 from normfold.norms import is_batchnorm
 
 __all__ = ["MergeTracer", "timm_notrace"]
@@ -44,6 +44,19 @@ class MergeTracer(torch.fx.Tracer):
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _Proxy(node, self)
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> torch.fx.Graph:
+        """Trace ``root``, then drop the Proxies its forward cached in module dicts.
+
+        timm's LeViT and EfficientFormerV2 cache ``attention_biases[:, idxs]`` in eval; traced, the
+        cache keeps a Proxy of this graph, which the next trace (a block traced on its own after the
+        whole model) would read back as a node of another graph.
+        """
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            if isinstance(root, nn.Module):
+                scrub_proxies(root)
 
 
 def timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:

@@ -402,10 +402,15 @@ def test_after_fold_batchnorm():
     assert _bn_count(r.module) == 0 and _conv_count(r.module.body) == 6
 
 
-def test_model_level_branches_come_back_as_the_merged_block():
+def test_model_level_branches_keep_the_model_class():
+    """A model that is one block: merging would replace the user's class, so its branches are left, saying so."""
     model = _prepare(RepVGGBlock(8, 8))
-    r = _merged(model, _x(2, 8, 6, 6))
-    assert isinstance(r.module, nn.Sequential) and r.changes[0].details["block"] == "<model>"
+    r = merge_branches(model)
+    assert type(r.module) is RepVGGBlock and not r.changes
+    assert any("own forward" in s.reason and "RepVGGBlock" in s.reason for s in r.skipped)
+    # traced, the model is a GraphModule, whose class is generated: that one merges
+    traced = torch.fx.symbolic_trace(model)
+    assert merge_branches(traced).changes
 
 
 def test_inplace_false_leaves_the_input_untouched_and_inplace_true_edits_it():
@@ -753,9 +758,9 @@ def test_linears_of_a_token_tensor_merge_but_not_with_a_channel_op():
             return self.a(x) - self.b(x) + x
 
     x = _x(2, 8, 8)  # L = C: only the axis tells the BatchNorm's channels from the Linear's
-    r = _merged(_prepare(Tokens(bn=False)), x)
+    r = _merged(_prepare(nn.Sequential(Tokens(bn=False))), x)
     assert len(r.changes) == 1 and r.changes[0].details["branches"] == 3
-    r = _left(_prepare(Tokens(bn=True)), x, "acts on the last axis")
+    r = _left(_prepare(nn.Sequential(Tokens(bn=True))), x, "acts on the last axis")
     assert not r.modified
 
 
@@ -773,3 +778,24 @@ def test_a_pointwise_conv_after_a_pass_through_merges():
 
     r = _merged(_prepare(Net(Block())), _x(2, 3, 6, 6))
     assert r.changes[0].details["branches"] == 2 and not r.skipped
+
+
+def test_branches_in_the_model_forward_that_is_not_a_chain_keep_the_model_class():
+    """A region in the model's own forward (LeViT's distillation head) would hand back a GraphModule in place
+    of the user's class: it is left, with that reason; a model that is one block still merges (above)."""
+    class Distilled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.head, self.head_dist = nn.Linear(8, 4), nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = self.body(x)
+            return (self.head(x) + self.head_dist(x)) / 2
+
+    model = Distilled().eval()
+    r = merge_branches(model)
+    assert type(r.module) is Distilled and not r.changes
+    assert any("own forward" in s.reason and "(Distilled)" in s.reason and s.paths[1:] == ("head", "head_dist")
+               for s in r.skipped)
+    assert nf.verify(model, r.module, _x(2, 3, 6, 6)).passed
