@@ -799,3 +799,36 @@ def test_branches_in_the_model_forward_that_is_not_a_chain_keep_the_model_class(
     assert any("own forward" in s.reason and "(Distilled)" in s.reason and s.paths[1:] == ("head", "head_dist")
                for s in r.skipped)
     assert nf.verify(model, r.module, _x(2, 3, 6, 6)).passed
+
+
+def test_a_forward_that_caches_in_a_dict_traces_again():
+    """timm's LeViT caches ``attention_biases[:, idxs]`` in a dict in eval: traced, the dict kept a Proxy of the
+    whole-model trace, and tracing the block again read it back ('does not belong to this Graph')."""
+    class Caching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.biases = nn.Parameter(torch.randn(8, 4))
+            self.register_buffer("idxs", torch.tensor([3, 0, 2, 1]), persistent=False)
+            self.cache: dict[str, torch.Tensor] = {}
+
+        def forward(self, x):
+            key = str(x.device)  # traced, a Proxy's name: the next trace of this module looks the same key up
+            if key not in self.cache:
+                self.cache[key] = self.biases[:, self.idxs]
+            return x + self.cache[key].sum(1)
+
+    class Distilled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = Caching()
+            self.head, self.head_dist = nn.Linear(8, 4), nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = self.body(x)
+            return (self.head(x) + self.head_dist(x)) / 2
+
+    model = nn.Sequential(Distilled()).eval()
+    x = _x(2, 8)
+    r = nf.fold_batchnorm(model, example_inputs=x, merge_branches=True)
+    assert [c.details["block"] for c in r.changes] == ["0"]
+    assert nf.verify(model, r.module, x).passed
