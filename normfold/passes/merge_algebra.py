@@ -235,17 +235,26 @@ def _axes_disagree(a: _Term, b: _Term) -> str | None:
             f"{other.paths[:1] or 'a per-channel op'} on axis 1")
 
 
-def _common(a: _Term, b: _Term) -> tuple[_Term, _Term] | str:
-    """Bring two terms to the same rank, channel count and groups."""
-    why = _axes_disagree(a, b)
-    if why:
-        return why
+def _same_rank(a: _Term, b: _Term) -> tuple[_Term, _Term] | str:
+    """Both terms at the spatial rank one of them has (a pointwise term of unknown rank takes the other's)."""
     rank = a.rank if a.rank is not None else b.rank
     a2, b2 = _with_rank(a, rank), _with_rank(b, rank)
     if isinstance(a2, str):
         return a2
     if isinstance(b2, str):
         return b2
+    return a2, b2
+
+
+def _common(a: _Term, b: _Term) -> tuple[_Term, _Term] | str:
+    """Bring two terms to the same rank, channel count and groups."""
+    why = _axes_disagree(a, b)
+    if why:
+        return why
+    ranked = _same_rank(a, b)
+    if isinstance(ranked, str):
+        return ranked
+    a2, b2 = ranked
     a2, b2 = _with_channels(a2, b2.cout), _with_channels(b2, a2.cout)
     if isinstance(a2, str):
         return a2
@@ -387,12 +396,10 @@ def _compose(outer: _Term, inner: _Term) -> _Term | str:
 
 def _common_chain(outer: _Term, inner: _Term) -> tuple[_Term, _Term] | str:
     """Rank, channels and groups for ``outer(inner)``: outer's inputs are inner's outputs."""
-    rank = outer.rank if outer.rank is not None else inner.rank
-    o, i = _with_rank(outer, rank), _with_rank(inner, rank)
-    if isinstance(o, str):
-        return o
-    if isinstance(i, str):
-        return i
+    ranked = _same_rank(outer, inner)
+    if isinstance(ranked, str):
+        return ranked
+    o, i = ranked
     if o.uniform and not i.uniform:
         o = _with_channels(o, i.cout)
     elif i.uniform and not o.uniform:
