@@ -358,7 +358,7 @@ class _MergeRun:
                 module = replacement
         # a skip of a region inside a block that merged later at a parent is moot
         merged = {p for c in result.changes for p in c.paths[1:]}
-        result.skipped = [s for s in result.skipped if not (set(s.paths[1:]) & merged)]
+        result.skipped = [s for s in result.skipped if not (s.paths[1:] and set(s.paths[1:]) <= merged)]
         result.metrics["blocks_merged"] = merged_blocks
         result.metrics["branches_merged"] = sum(c.details.get("branches", 0) for c in result.changes)
         return result

@@ -832,3 +832,21 @@ def test_a_forward_that_caches_in_a_dict_traces_again():
     r = nf.fold_batchnorm(model, example_inputs=x, merge_branches=True)
     assert [c.details["block"] for c in r.changes] == ["0"]
     assert nf.verify(model, r.module, x).passed
+
+
+def test_a_branch_left_beside_merged_ones_keeps_its_reason():
+    """Two Linears merge; the BatchNorm added to them acts on another axis and is left, with its reason
+    (the reason was dropped once the Linears had merged)."""
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.bn = nn.Linear(8, 8), nn.Linear(8, 8), nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x) + self.bn(x)
+
+    model = _prepare(nn.Sequential(Mixed()))
+    r = merge_branches(model)
+    assert len(r.changes) == 1 and set(r.changes[0].paths[1:]) == {"0.a", "0.b"}
+    assert any("0.bn" in s.paths and "axis" in s.reason for s in r.skipped), [str(s) for s in r.skipped]
+    assert nf.verify(model, r.module, _x(2, 8)).passed
