@@ -528,18 +528,21 @@ def test_forward_hook_on_a_branch_is_left():
     assert not r.modified
 
 
+class InPlaceAfterBranches(nn.Module):
+    """Two branches of ``x``, then ``x.mul_(2)``: what the branches read changes after them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.a(x) + self.b(x)
+        x.mul_(2.0)
+        return y + x
+
+
 def test_in_place_op_on_the_shared_input_is_left():
-    class Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
-
-        def forward(self, x):
-            y = self.a(x) + self.b(x)
-            x.mul_(2.0)
-            return y + x
-
-    r = _left(_prepare(Net(Block())), _x(2, 3, 6, 6), "in place")
+    r = _left(_prepare(Net(InPlaceAfterBranches())), _x(2, 3, 6, 6), "in place")
     assert not r.modified
 
 

@@ -19,8 +19,8 @@ import normfold as nf
 from normfold.passes.fold import ExportedPassResult
 from tests.commands._cli import run_cli
 from tests.conftest import randomize_bn_stats, run_counting_ops
-from tests.passes.test_merge_branches import (ACBlock, DBBlock, DistilledHead, MobileOneStyle, Net, PooledNet, RepDW,
-                                              RepMixer, RepVGGBlock, SumOfList, _convbn, _prepare, _x)
+from tests.passes.test_merge_branches import (ACBlock, DBBlock, DistilledHead, InPlaceAfterBranches, MobileOneStyle, Net,
+                                              PooledNet, RepDW, RepMixer, RepVGGBlock, SumOfList, _convbn, _prepare, _x)
 
 
 def _ops(program: torch.export.ExportedProgram) -> tuple[int, int]:
@@ -176,17 +176,7 @@ def test_refusals_are_skips_with_their_reason(block: nn.Module, x_shape: tuple, 
 
 def test_in_place_op_on_the_shared_input_is_left():
     """The training IR keeps in-place ops: ``x.mul_(2)`` after the branches read ``x`` changes what they read."""
-    class Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
-
-        def forward(self, x):
-            y = self.a(x) + self.b(x)
-            x.mul_(2.0)
-            return y + x
-
-    model = _prepare(Net(Block()))
+    model = _prepare(Net(InPlaceAfterBranches()))
     x = _x(2, 3, 6, 6)
     r = nf.merge_branches(_export(model, x))
     assert any("in place" in s.reason for s in r.skipped) and not r.modified
