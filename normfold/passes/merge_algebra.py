@@ -49,6 +49,7 @@ float64. The rules that build terms:
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 import operator
@@ -538,7 +539,7 @@ def _is_inplace(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
-class _Analysis:
+class _Analysis(abc.ABC):
     """Terms of every node of one graph, and the regions worth one conv.
 
     The rules that combine terms (adds, scales, an op applied to a term, why an add was not merged)
@@ -556,20 +557,21 @@ class _Analysis:
             self.status[node] = self._visit(node)
 
     # -- what the reader says ------------------------------------------------------------------------
+    @abc.abstractmethod
     def _visit(self, node: torch.fx.Node) -> _Term | _Barrier | _Const:
-        raise NotImplementedError
+        """What ``node`` is: a term of a region input, a barrier (an op the algebra does not take), a constant."""
 
+    @abc.abstractmethod
     def _where(self, node: torch.fx.Node) -> str:
         """The block a refusal at ``node`` is reported at."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _layer_path(self, node: torch.fx.Node) -> str | None:
         """The module path of a layer node (conv, BatchNorm, pool...), named in a refusal; None for other ops."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _weighted(self, node: torch.fx.Node) -> int:
         """Weighted layers (conv, linear) a path node stands for: a merged term's convs, an opaque module's."""
-        raise NotImplementedError
 
     # -- the shared rules -----------------------------------------------------------------------------
     def _skip(self, node: torch.fx.Node, paths: tuple[str, ...], reason: str) -> None:
